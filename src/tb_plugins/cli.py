@@ -1,0 +1,295 @@
+"""The ``tb`` command: status, reports, policy checks, and the offline demo.
+
+Every command reads the policy named by ``--config`` or ``$TB_PLUGINS_CONFIG`` (default
+``budgets.yaml``) and the ledger that policy names. Output is a table, or ``--json`` / ``--csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from tb_plugins.errors import ConfigError, TokenBudgetError
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = "budgets.yaml"
+
+
+def _fmt_time(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _fmt_num(unit: str, value: float) -> str:
+    if unit == "usd":
+        return f"${value:,.4f}"
+    return f"{value:,.0f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table with aligned columns."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append(
+            "  ".join(
+                c.rjust(w) if n and _numeric(c) else c.ljust(w)
+                for c, w in zip(r, widths, strict=True)
+            ).rstrip()
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _numeric(text: str) -> bool:
+    return bool(text) and (text[0].isdigit() or text[0] == "$") and not text.endswith("UTC")
+
+
+def emit(
+    args: argparse.Namespace,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    records: Sequence[dict[str, Any]],
+) -> None:
+    """Print rows as a table, JSON (``--json``) or CSV (``--csv``)."""
+    if getattr(args, "json", False):
+        print(json.dumps(list(records), indent=2, default=str))
+    elif getattr(args, "csv", False):
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else list(headers))
+        writer.writeheader()
+        writer.writerows(records)
+        print(buf.getvalue(), end="")
+    elif rows:
+        print(table(headers, rows))
+    else:
+        print("(nothing to show)")
+
+
+def output_options(parser: argparse.ArgumentParser, *, csv_too: bool = True) -> None:
+    """Add the shared ``--json`` (and ``--csv``) options."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_true", help="print JSON")
+    if csv_too:
+        group.add_argument("--csv", action="store_true", help="print CSV")
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``24h`` / ``7d`` ago, an ISO date or datetime (UTC if no zone), or epoch seconds."""
+    from tb_plugins.core.windows import parse_duration
+
+    now = time.time() if now is None else now
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"cannot read time {text!r}: use e.g. 24h, 7d, 2026-11-01 or 2026-11-01T08:00"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _guard(args: argparse.Namespace) -> Any:
+    from tb_plugins.guard import BudgetGuard
+
+    path = args.config or os.environ.get("TB_PLUGINS_CONFIG") or DEFAULT_CONFIG
+    if not os.path.exists(path):
+        raise ConfigError(
+            f"{path}: no policy file; pass --config FILE or set TB_PLUGINS_CONFIG", source=path
+        )
+    return BudgetGuard.from_config(path)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show every budget's spend, holds and limit in the current window."""
+    guard = _guard(args)
+    try:
+        rows = guard.status(args.scope)
+    finally:
+        guard.ledger.close()
+    emit(
+        args,
+        ["scope", "budget", "window", "unit", "spent", "held", "limit", "used", "resets"],
+        [
+            [
+                s.scope,
+                s.budget,
+                s.window,
+                s.unit,
+                _fmt_num(s.unit, s.spent),
+                _fmt_num(s.unit, s.reserved),
+                _fmt_num(s.unit, s.limit),
+                f"{s.utilization:.0%}",
+                _fmt_time(s.resets_at),
+            ]
+            for s in rows
+        ],
+        [s.to_dict() for s in rows],
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Show totals from the usage log, grouped by scope, model or day."""
+    guard = _guard(args)
+    since = parse_since(args.since) if args.since else None
+    until = parse_since(args.until) if args.until else None
+    try:
+        rows = guard.usage(since=since, until=until, group_by=args.by, scope=args.scope)
+    finally:
+        guard.ledger.close()
+    emit(
+        args,
+        [args.by, "requests", "denied", "input", "output", "cached", "tokens", "usd"],
+        [
+            [
+                r.key,
+                r.requests,
+                r.denied,
+                f"{r.input_tokens:,}",
+                f"{r.output_tokens:,}",
+                f"{r.cached_input_tokens:,}",
+                f"{r.tokens:,}",
+                f"${r.usd:,.4f}",
+            ]
+            for r in rows
+        ],
+        [
+            {
+                args.by: r.key,
+                "requests": r.requests,
+                "denied": r.denied,
+                "input_tokens": r.input_tokens,
+                "output_tokens": r.output_tokens,
+                "cached_input_tokens": r.cached_input_tokens,
+                "tokens": r.tokens,
+                "usd": r.usd,
+            }
+            for r in rows
+        ],
+    )
+    return 0
+
+
+def cmd_budgets_check(args: argparse.Namespace) -> int:
+    """Validate a policy file and list its budgets."""
+    from tb_plugins.config import load_policy
+
+    policy = load_policy(args.file)
+    budgets = policy.compiled_budgets()
+    emit(
+        args,
+        ["#", "budget", "window", "alerts", "downgrade_at"],
+        [
+            [
+                b.index,
+                b.name,
+                b.window.spec,
+                ",".join(f"{t:.0%}" for t in b.alerts) or "-",
+                f"{b.downgrade_at:.0%}" if b.downgrade_at else "-",
+            ]
+            for b in budgets
+        ],
+        [
+            {
+                "index": b.index,
+                "name": b.name,
+                "scope": b.pattern,
+                "window": b.window.spec,
+                "alerts": list(b.alerts),
+                "downgrade_at": b.downgrade_at,
+            }
+            for b in budgets
+        ],
+    )
+    if not args.json:
+        print(f"{args.file}: ok ({len(budgets)} budgets, ledger {policy.ledger})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tb`` argument parser (every command has ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="tb", description="Token budgets for LLM applications: status, reports, demo."
+    )
+    parser.add_argument(
+        "--config", help="policy file (default: $TB_PLUGINS_CONFIG or budgets.yaml)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "status", help="spend, holds and limits of every budget now", description=cmd_status.__doc__
+    )
+    p.add_argument("--scope", help="only this scope, e.g. team:search")
+    output_options(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "report", help="usage totals by scope, model or day", description=cmd_report.__doc__
+    )
+    p.add_argument("--since", help="start: 24h, 7d, 2026-11-01, or epoch seconds")
+    p.add_argument("--until", help="end, in the same forms")
+    p.add_argument(
+        "--by", choices=["scope", "model", "day"], default="scope", help="group by (default: scope)"
+    )
+    p.add_argument("--scope", help="only calls charged to this scope")
+    output_options(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "budgets", help="work with policy files", description="Work with policy files."
+    )
+    bsub = p.add_subparsers(dest="budgets_command", metavar="SUBCOMMAND")
+    c = bsub.add_parser(
+        "check", help="validate a policy file", description=cmd_budgets_check.__doc__
+    )
+    c.add_argument("file", help="the policy file, e.g. budgets.yaml")
+    output_options(c, csv_too=False)
+    c.set_defaults(func=cmd_budgets_check)
+    budgets_parser = p
+
+    def budgets_help(_args: argparse.Namespace) -> int:
+        budgets_parser.print_help()
+        return 2
+
+    p.set_defaults(func=budgets_help)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tb`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (TokenBudgetError, ValueError) as exc:
+        print(f"tb: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The decision ladder, as pure functions with no I/O.
+
+The guard asks the ledger for a reservation; when it fails, these functions read the line
+states the ledger returned and say what to try next, in order (first deny wins):
+
+1. **fit** — the call fits as asked (the ledger refused only because of a race): try again.
+2. **clamp** — lower ``max_tokens`` to what is left, if at least ``min_output_tokens`` fits.
+3. **downgrade** — the cheaper model fits (possibly clamped too).
+4. **deny** — :class:`~tb_plugins.errors.BudgetExceeded` for the binding budget: the one that
+   resets last, since the call cannot succeed before it does.
+
+A budget past its ``downgrade_at`` fraction also triggers a downgrade when the call would fit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tb_plugins.config import Budget
+from tb_plugins.core.usage import (
+    CALLS,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    REQUESTS,
+    TOKENS,
+    UNITS,
+    USD,
+    Amounts,
+    Limits,
+    amounts,
+    unit_value,
+)
+from tb_plugins.errors import BudgetExceeded, LoopLimitExceeded
+from tb_plugins.ledger.base import Line, LineState
+
+__all__ = [
+    "LinePlan",
+    "Plan",
+    "alerts_crossed",
+    "downgrade_due",
+    "max_output_that_fits",
+    "refusal",
+    "remaining",
+    "utilization",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class LinePlan:
+    """A ledger line plus the budgets that set its limits (for messages and alerts).
+
+    ``limit_names[u]`` names the budget whose limit on unit ``u`` is the tightest.
+    """
+
+    line: Line
+    budgets: tuple[Budget, ...]
+    limit_names: tuple[str | None, ...]
+    resets_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One attempt: which model, how many tokens, at what price (nano-dollars per token)."""
+
+    model: str
+    input_tokens: int
+    output_tokens: int
+    max_tokens: int | None
+    input_nano_per_token: float
+    output_nano_per_token: float
+    priced: bool
+    exact: bool
+
+    def usd_nano(self, output_tokens: int | None = None) -> int:
+        """Estimated cost, rounded up, of this plan with ``output_tokens`` of output."""
+        out = self.output_tokens if output_tokens is None else output_tokens
+        cost = self.input_tokens * self.input_nano_per_token + out * self.output_nano_per_token
+        return math.ceil(cost - 1e-9)
+
+    def amounts(self, output_tokens: int | None = None) -> Amounts:
+        """The amounts this plan holds on every line."""
+        out = self.output_tokens if output_tokens is None else output_tokens
+        return amounts(self.input_tokens, out, self.usd_nano(out))
+
+
+def _avail(limits: Limits, state: LineState, unit: int) -> int | None:
+    limit = limits[unit]
+    if limit is None:
+        return None
+    return limit - state.spent[unit] - state.held[unit]
+
+
+def max_output_that_fits(
+    plan: Plan, lines: Sequence[LinePlan], states: Sequence[LineState]
+) -> tuple[int | None, list[tuple[int, int]]]:
+    """The most output tokens every line still admits for this plan's input.
+
+    Returns ``(max_output, hard_failures)``: ``max_output`` is None when no line limits output
+    (it may be negative when even zero output does not fit); ``hard_failures`` lists
+    ``(line_index, unit)`` pairs that no clamp can fix (requests, calls, input tokens, or the
+    input's cost alone).
+    """
+    best: int | None = None
+    hard: list[tuple[int, int]] = []
+    in_cost = math.ceil(plan.input_tokens * plan.input_nano_per_token - 1e-9)
+    for i, (lp, st) in enumerate(zip(lines, states, strict=True)):
+        limits = lp.line.limits
+        for unit in (REQUESTS, CALLS):
+            a = _avail(limits, st, unit)
+            if a is not None and a < 1:
+                hard.append((i, unit))
+        a = _avail(limits, st, INPUT_TOKENS)
+        if a is not None and a < plan.input_tokens:
+            hard.append((i, INPUT_TOKENS))
+        caps: list[int] = []
+        a = _avail(limits, st, TOKENS)
+        if a is not None:
+            caps.append(a - plan.input_tokens)
+        a = _avail(limits, st, OUTPUT_TOKENS)
+        if a is not None:
+            caps.append(a)
+        a = _avail(limits, st, USD)
+        if a is not None:
+            if a < in_cost:
+                hard.append((i, USD))
+            elif plan.output_nano_per_token > 0:
+                caps.append(math.floor((a - in_cost) / plan.output_nano_per_token))
+        for c in caps:
+            best = c if best is None else min(best, c)
+    return best, hard
+
+
+def refusal(
+    plan: Plan,
+    lines: Sequence[LinePlan],
+    states: Sequence[LineState],
+    min_output_tokens: int,
+) -> BudgetExceeded:
+    """The error to raise when nothing fits: the failing budget that resets last."""
+    need = plan.amounts(min(plan.output_tokens, min_output_tokens))
+    worst: tuple[float, int, int] | None = None
+    for i, (lp, st) in enumerate(zip(lines, states, strict=True)):
+        for unit in range(len(UNITS)):
+            a = _avail(lp.line.limits, st, unit)
+            if a is None or need[unit] <= a:
+                continue
+            reset = math.inf if lp.resets_at is None else lp.resets_at
+            key = (reset, -i, unit)
+            if worst is None or key > worst:
+                worst = key
+    if worst is None:  # every line fits the minimum now; report the tightest line anyway
+        worst = (0.0, 0, TOKENS)
+        for i, lp in enumerate(lines):
+            for unit in range(len(UNITS)):
+                if lp.line.limits[unit] is not None:
+                    worst = (0.0, -i, unit)
+                    break
+    _, neg_i, unit = worst
+    lp, st = lines[-neg_i], states[-neg_i]
+    limit = lp.line.limits[unit] or 0
+    cls = LoopLimitExceeded if unit == CALLS else BudgetExceeded
+    return cls(
+        scope=lp.line.scope,
+        budget=lp.limit_names[unit] or lp.line.scope,
+        unit=UNITS[unit],
+        spent=unit_value(unit, st.spent[unit] + st.held[unit]),
+        limit=unit_value(unit, limit),
+        requested=unit_value(unit, need[unit]),
+        resets_at=lp.resets_at,
+    )
+
+
+def utilization(budget: Budget, state: LineState, *, include_held: bool = True) -> float:
+    """The largest fraction used of any unit this budget limits."""
+    worst = 0.0
+    for unit, limit in enumerate(budget.limits):
+        if limit is None:
+            continue
+        used = state.spent[unit] + (state.held[unit] if include_held else 0)
+        frac = (math.inf if used > 0 else 0.0) if limit == 0 else used / limit
+        worst = max(worst, frac)
+    return worst
+
+
+def downgrade_due(lines: Sequence[LinePlan], states: Sequence[LineState]) -> Budget | None:
+    """The first budget already past its ``downgrade_at`` fraction, if any."""
+    for lp, st in zip(lines, states, strict=True):
+        for b in lp.budgets:
+            if b.downgrade_at is not None and utilization(b, st) >= b.downgrade_at:
+                return b
+    return None
+
+
+def alerts_crossed(
+    lines: Sequence[LinePlan], after: Sequence[LineState], charged: Amounts
+) -> list[tuple[LinePlan, Budget, float, float]]:
+    """Thresholds crossed by a settlement: ``(line, budget, threshold, utilization)``.
+
+    Only settled spend counts (not holds): an alert says money was really spent.
+    """
+    out = []
+    for lp, st in zip(lines, after, strict=True):
+        before = LineState(
+            spent=tuple(s - c for s, c in zip(st.spent, charged, strict=True)),  # type: ignore[arg-type]
+            held=st.held,
+        )
+        for b in lp.budgets:
+            if not b.alerts:
+                continue
+            u_after = utilization(b, st, include_held=False)
+            u_before = utilization(b, before, include_held=False)
+            for t in b.alerts:
+                if u_before < t <= u_after:
+                    out.append((lp, b, t, u_after))
+    return out
+
+
+def remaining(
+    lines: Sequence[LinePlan], states: Sequence[LineState], held: Amounts | None = None
+) -> dict[str, float]:
+    """The least left of each limited unit over every line, after ``held`` more is held."""
+    out: dict[str, float] = {}
+    for lp, st in zip(lines, states, strict=True):
+        for unit, limit in enumerate(lp.line.limits):
+            if limit is None:
+                continue
+            left = limit - st.spent[unit] - st.held[unit] - (held[unit] if held else 0)
+            value = unit_value(unit, max(left, 0))
+            name = UNITS[unit]
+            out[name] = min(out.get(name, value), value)
+    return out

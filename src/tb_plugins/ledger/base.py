@@ -1,0 +1,276 @@
+"""The ledger contract every backend implements.
+
+A ledger stores, per *line* (one scope in one window), the settled spend in each bucket and
+the live *holds* of reservations. The guard decides; the ledger only does three atomic things:
+
+* :meth:`Ledger.reserve` — for every line of a call, check that settled spend + live holds +
+  the new amounts stay within each limited unit, and if *all* do, hold the amounts on every line
+  under one reservation id. All or nothing, in one transaction / script.
+* :meth:`Ledger.settle` — replace the hold by the actual amounts (which may exceed the
+  estimate), append a usage record; idempotent by reservation id, and it still records the spend
+  when the hold has already expired.
+* :meth:`Ledger.release` — drop the hold (error, cancellation).
+
+Holds carry an absolute expiry; a hold whose owner died stops counting once ``now`` passes it,
+and is purged. Time is always passed in (``now``), never read by the ledger, so tests inject a
+clock and shared ledgers can follow the server's clock through :meth:`Ledger.server_time`.
+
+Amount vectors are six integers (see :mod:`tb_plugins.core.usage`). Storage keys come from
+:func:`line_key`, which escapes scope names so no scope can reach another's keys.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+from urllib.parse import quote
+
+from tb_plugins.core.usage import Amounts, Limits, UsageRecord, UsageRow
+
+__all__ = [
+    "GroupBy",
+    "Ledger",
+    "LineState",
+    "ReserveResult",
+    "SettleResult",
+    "Line",
+    "line_key",
+]
+
+GroupBy = Literal["scope", "model", "day"]
+
+
+def line_key(scope: str, window: str) -> str:
+    """The storage key of one scope in one window: ``<percent-escaped scope>|<window>``.
+
+    Every character outside ``[A-Za-z0-9_.~-]`` is escaped, so ``:``, ``|``, ``{``, ``}``,
+    quotes, spaces and unicode in a scope name cannot collide with another scope or break a
+    Redis hash tag.
+
+    Example:
+        >>> line_key("user:{alice} x", "day")
+        'user%3A%7Balice%7D%20x|day'
+    """
+    return f"{quote(scope, safe='')}|{window}"
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One scope in one window, as charged by one call.
+
+    Attributes:
+        key: :func:`line_key` of ``scope`` and ``window``.
+        scope: the concrete scope, e.g. ``"user:alice"``.
+        window: the canonical window spec, e.g. ``"day"`` or ``"rolling:1m"``.
+        bucket: the bucket charged now.
+        span: how many buckets a check sums (buckets ``bucket - k*width`` for ``k < span``).
+        width: seconds between buckets.
+        limits: the limit per unit (None = not limited) — the tightest of every budget that
+            applies to this scope and window.
+        expires_at: after this instant the bucket is no longer read (None = never).
+    """
+
+    key: str
+    scope: str
+    window: str
+    bucket: int
+    span: int
+    width: int
+    limits: Limits
+    expires_at: float | None
+
+    @property
+    def lowest_bucket(self) -> int:
+        """The oldest bucket a check sums."""
+        return self.bucket - (self.span - 1) * self.width
+
+
+@dataclass(frozen=True, slots=True)
+class LineState:
+    """Spend on one line: settled (``spent``) and held by live reservations (``held``)."""
+
+    spent: Amounts
+    held: Amounts
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """The outcome of :meth:`Ledger.reserve`.
+
+    ``states`` has one entry per line, in order, as they were *before* this reservation (so the
+    guard can tell what is left, and which thresholds the call crosses).
+    """
+
+    ok: bool
+    states: tuple[LineState, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    """The outcome of :meth:`Ledger.settle`: ``applied`` is False when the id was settled
+    before (nothing changed); ``states`` are the lines *after* settling."""
+
+    applied: bool
+    states: tuple[LineState, ...]
+
+
+class Ledger(abc.ABC):
+    """Durable spend per (scope, window), shared by every guard that opens the same URL.
+
+    Subclasses declare ``schemes`` and implement the sync methods; the async twins (``a``
+    prefix) default to running the sync method in a worker thread, and network backends
+    override them with native async I/O.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+    url: str = ""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_url(cls, url: str, **options: Any) -> Ledger:
+        """Open the ledger a URL names.
+
+        Every backend accepts ``timeout`` (seconds): the most any single operation may wait
+        for the store (lock, connection or reply) before raising ``LedgerUnavailable``. The
+        guard passes ``timeout=policy.ledger_timeout``.
+        """
+
+    # -- the atomic operations ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def reserve(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        *,
+        now: float,
+        expires_at: float,
+    ) -> ReserveResult:
+        """Hold ``amounts`` on every line if every limit of every line allows it; else nothing.
+
+        Purges holds that expired at or before ``now`` first. A limit allows the call when
+        ``spent + held + amount <= limit`` for that unit.
+        """
+
+    @abc.abstractmethod
+    def settle(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        record: UsageRecord,
+        *,
+        now: float,
+    ) -> SettleResult:
+        """Drop the hold (if still there), add ``amounts`` to each line's bucket, append
+        ``record`` to the usage log. A second settle of the same id changes nothing."""
+
+    @abc.abstractmethod
+    def release(self, reservation_id: str, *, now: float) -> bool:
+        """Drop the hold. Returns True if a live hold was removed."""
+
+    @abc.abstractmethod
+    def status(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
+        """Spent and held per line (expired holds do not count)."""
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def scopes(self) -> list[tuple[str, str]]:
+        """Every (scope, window) pair that has a counter, for listing pattern budgets."""
+
+    @abc.abstractmethod
+    def claim_alert(self, alert_key: str, *, expires_at: float | None) -> bool:
+        """True exactly once per ``alert_key`` across every process (until ``expires_at``)."""
+
+    @abc.abstractmethod
+    def append_usage(self, record: UsageRecord) -> None:
+        """Append a record with no spend to the usage log (refused calls)."""
+
+    @abc.abstractmethod
+    def usage(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        group_by: GroupBy = "scope",
+        scope: str | None = None,
+    ) -> list[UsageRow]:
+        """Totals of the usage log grouped by scope (a record counts under each of its
+        scopes), model or UTC day, optionally only records that carry ``scope``."""
+
+    @abc.abstractmethod
+    def records(
+        self, *, since: float | None = None, until: float | None = None, limit: int | None = None
+    ) -> list[UsageRecord]:
+        """Usage records in time order."""
+
+    def server_time(self) -> float | None:
+        """The shared clock of a networked ledger (epoch seconds), or None to use the local
+        clock. Guards that share a ledger follow it so they agree on window boundaries."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    # -- async twins ---------------------------------------------------------------------------
+
+    async def areserve(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        *,
+        now: float,
+        expires_at: float,
+    ) -> ReserveResult:
+        """Async :meth:`reserve`."""
+        return await asyncio.to_thread(
+            self.reserve, reservation_id, lines, amounts, now=now, expires_at=expires_at
+        )
+
+    async def asettle(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        record: UsageRecord,
+        *,
+        now: float,
+    ) -> SettleResult:
+        """Async :meth:`settle`."""
+        return await asyncio.to_thread(self.settle, reservation_id, lines, amounts, record, now=now)
+
+    async def arelease(self, reservation_id: str, *, now: float) -> bool:
+        """Async :meth:`release`."""
+        return await asyncio.to_thread(self.release, reservation_id, now=now)
+
+    async def astatus(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
+        """Async :meth:`status`."""
+        return await asyncio.to_thread(self.status, lines, now=now)
+
+    async def aclaim_alert(self, alert_key: str, *, expires_at: float | None) -> bool:
+        """Async :meth:`claim_alert`."""
+        return await asyncio.to_thread(self.claim_alert, alert_key, expires_at=expires_at)
+
+    async def aappend_usage(self, record: UsageRecord) -> None:
+        """Async :meth:`append_usage`."""
+        await asyncio.to_thread(self.append_usage, record)
+
+    async def aserver_time(self) -> float | None:
+        """Async :meth:`server_time`."""
+        return self.server_time()
+
+    async def aclose(self) -> None:
+        """Async :meth:`close`."""
+        self.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,528 @@
+"""The embedded ledger: one SQLite file shared by every process on a host.
+
+The schema is created with sqlite-utils (imported only when a file needs it); the hot path is
+raw :mod:`sqlite3`. Every reserve, settle and release is one ``BEGIN IMMEDIATE`` transaction,
+so many processes on one file never over-admit: SQLite serializes the writers, and a writer
+that finds the file locked waits (busy timeout) and then retries with a bounded backoff.
+
+Tables::
+
+    counters(key, bucket, scope, window, <6 units>, expires_at)  PK (key, bucket)
+    holds(reservation_id, key, bucket, <6 units>, expires_at)     live reservations
+    usage(id, ts, reservation_id, settled_id UNIQUE, scopes, model, ...)  the usage log;
+        settled_id is the reservation id of a settle (NULL for refused calls), so the log
+        is also the set of settled ids that makes settle idempotent
+    usage_scopes(usage_id, scope)                                 one row per scope of a record
+    alerts(key, expires_at)                                       alerts already claimed
+    meta(key, value)                                              schema_version
+
+The WAL journal and ``synchronous=NORMAL`` keep a commit cheap (no fsync per call; a power
+loss may drop the last few commits, never corrupt the file). Connections are per thread and
+reopened in a forked child.
+
+Example:
+    >>> from tb_plugins import ledger_from_url
+    >>> ledger = ledger_from_url("sqlite:///tb_ledger.db")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from tb_plugins.core.usage import UNITS, Amounts, UsageRecord, UsageRow
+from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
+from tb_plugins.ledger.base import GroupBy, Ledger, Line, LineState, ReserveResult, SettleResult
+
+__all__ = ["SCHEMA_VERSION", "SQLiteLedger"]
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+PRUNE_EVERY = 600.0  # seconds of ledger time between two prunes of dead counters and alerts
+PRUNE_GRACE = 86_400.0  # a counter or alert is deleted this long after it stopped being read
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.0005, 0.05  # seconds, retry of a locked file (with jitter)
+
+_UNIT_COLS = ", ".join(UNITS)
+_SUMS = ", ".join(f"coalesce(sum({u}), 0)" for u in UNITS)
+
+# -- the hot path: constant SQL ----------------------------------------------------------------
+
+_PURGE_HOLDS = "DELETE FROM holds WHERE expires_at <= ?"
+_LINE_STATE = f"""
+SELECT 0, {_SUMS} FROM counters WHERE key = ? AND bucket BETWEEN ? AND ?
+UNION ALL
+SELECT 1, {_SUMS} FROM holds
+ WHERE key = ? AND bucket BETWEEN ? AND ? AND expires_at > ? AND reservation_id IS NOT ?
+"""
+_DELETE_HOLDS = "DELETE FROM holds WHERE reservation_id = ?"
+_DELETE_LIVE_HOLDS = "DELETE FROM holds WHERE reservation_id = ? AND expires_at > ?"
+_INSERT_HOLD = f"""
+INSERT INTO holds (reservation_id, key, bucket, {_UNIT_COLS}, expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_UPSERT_COUNTER = f"""
+INSERT INTO counters (key, bucket, scope, window, {_UNIT_COLS}, expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (key, bucket) DO UPDATE SET
+  {", ".join(f"{u} = {u} + excluded.{u}" for u in UNITS)},
+  expires_at = CASE WHEN expires_at IS NULL OR excluded.expires_at IS NULL THEN NULL
+                    ELSE max(expires_at, excluded.expires_at) END
+"""
+_RECORD_COLS = (
+    "ts, reservation_id, scopes, model, requested_model, action, input_tokens, output_tokens, "
+    "cached_input_tokens, usd, priced, estimated, extra"
+)
+_INSERT_USAGE = f"""
+INSERT INTO usage (settled_id, {_RECORD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (settled_id) DO NOTHING
+"""
+_INSERT_USAGE_SCOPE = "INSERT OR IGNORE INTO usage_scopes (usage_id, scope) VALUES (?, ?)"
+_PRUNE = (
+    "DELETE FROM counters WHERE expires_at < ?",
+    "DELETE FROM alerts WHERE expires_at < ?",
+)
+_CLAIM_ALERT = "INSERT INTO alerts (key, expires_at) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
+_SCOPES = "SELECT DISTINCT scope, window FROM counters ORDER BY scope, window"
+_RECORDS = f"""
+SELECT {_RECORD_COLS} FROM usage
+ WHERE (:since IS NULL OR ts >= :since) AND (:until IS NULL OR ts < :until)
+ ORDER BY ts, id LIMIT :limit
+"""
+_USAGE_TEMPLATE = """
+SELECT {key} AS k,
+       sum(u.action != 'deny'), sum(u.action = 'deny'),
+       sum(CASE WHEN u.action != 'deny' THEN u.input_tokens ELSE 0 END),
+       sum(CASE WHEN u.action != 'deny' THEN u.output_tokens ELSE 0 END),
+       sum(CASE WHEN u.action != 'deny' THEN u.cached_input_tokens ELSE 0 END),
+       sum(CASE WHEN u.action != 'deny' THEN u.usd ELSE 0 END)
+  FROM usage u {join}
+ WHERE (:since IS NULL OR u.ts >= :since) AND (:until IS NULL OR u.ts < :until)
+   AND (:scope IS NULL OR EXISTS
+        (SELECT 1 FROM usage_scopes f WHERE f.usage_id = u.id AND f.scope = :scope))
+ GROUP BY k ORDER BY k
+"""
+_USAGE: dict[str, str] = {
+    "scope": _USAGE_TEMPLATE.format(key="s.scope", join="JOIN usage_scopes s ON s.usage_id = u.id"),
+    "model": _USAGE_TEMPLATE.format(key="u.model", join=""),
+    "day": _USAGE_TEMPLATE.format(key="strftime('%Y-%m-%d', u.ts, 'unixepoch')", join=""),
+}
+
+_BUSY_MARKERS = ("database is locked", "database table is locked", "database is busy")
+_UNAVAILABLE_MARKERS = ("unable to open", "disk i/o error", "readonly", "read-only")
+
+
+def _amounts(row: Sequence[Any]) -> Amounts:
+    return (int(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]), int(row[5]))
+
+
+def _fits(line: Line, state: LineState, amounts: Amounts) -> bool:
+    # A line already past its limit refuses even a zero amount: the comparison is strict.
+    for unit, limit in enumerate(line.limits):
+        if limit is not None and state.spent[unit] + state.held[unit] + amounts[unit] > limit:
+            return False
+    return True
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return any(marker in str(exc).lower() for marker in _BUSY_MARKERS)
+
+
+class SQLiteLedger(Ledger):
+    """A ledger in one SQLite file, safe for many threads and processes on one host.
+
+    Args:
+        path: the database file (created if missing), or ``":memory:"`` for a private
+            in-process ledger (see :class:`~tb_plugins.ledger.memory.MemoryLedger`).
+        timeout: seconds a writer waits for the file's write lock before the call fails with
+            :class:`~tb_plugins.errors.LedgerUnavailable`.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "ledger.db")
+        >>> ledger = SQLiteLedger.from_url(f"sqlite:///{path}")
+        >>> ledger.scopes()
+        []
+        >>> ledger.close()
+    """
+
+    schemes = ("sqlite",)
+
+    def __init__(self, path: str, *, timeout: float = 5.0, url: str | None = None) -> None:
+        self._memory = path == ":memory:"
+        self.path = path if self._memory else os.path.abspath(os.path.expanduser(path))
+        self.url = url or ("memory://" if self._memory else f"sqlite:///{self.path}")
+        self._timeout = float(timeout)
+        self._local = threading.local()
+        self._conns: list[tuple[int, threading.Thread, sqlite3.Connection]] = []
+        self._conns_lock = threading.Lock()
+        self._next_prune = 0.0
+        # An in-memory database exists only in its one connection: share it, under a lock.
+        self._single = self._open() if self._memory else None
+        self._lock: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if self._memory else contextlib.nullcontext()
+        )
+        self._run(lambda conn: None, write=False, setup=True)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteLedger:
+        """Open ``sqlite:///relative.db`` or ``sqlite:////abs/path.db``.
+
+        Options (keyword or URL query, e.g. ``?timeout=10``): ``timeout`` in seconds.
+
+        Raises:
+            ConfigError: the URL names no file, or an unknown option was given.
+        """
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in cls.schemes:
+            raise ConfigError(f"not a SQLite ledger URL: {url!r} (use sqlite:///path.db)")
+        # sqlite:///rel.db has path "/rel.db"; sqlite:////abs.db has "//abs.db": drop one "/".
+        path = unquote(parts.netloc + parts.path)
+        path = path[1:] if path.startswith("/") else path
+        if not path:
+            raise ConfigError(f"the SQLite ledger URL {url!r} names no file (sqlite:///path.db)")
+        opts: dict[str, Any] = dict(parse_qsl(parts.query))
+        opts.update(options)
+        unknown = sorted(set(opts) - {"timeout"})
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown} for ledger {url!r}; known: timeout")
+        return cls(path, timeout=float(opts.get("timeout", 5.0)), url=url)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    # -- connections and transactions --------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._single is not None:
+            return self._single
+        pid = os.getpid()
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != pid:
+            # A connection inherited through fork() must never be used (nor closed) in the
+            # child: it shares the parent's locks. Open a fresh one.
+            conn = self._open()
+            self._local.conn, self._local.pid = conn, pid
+            me = threading.current_thread()
+            with self._conns_lock:
+                dead = [c for p, t, c in self._conns if p == pid and not t.is_alive()]
+                self._conns = [(p, t, c) for p, t, c in self._conns if p == pid and t.is_alive()]
+                self._conns.append((pid, me, conn))
+            for stale in dead:
+                stale.close()
+        return conn
+
+    def _run(
+        self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True, setup: bool = False
+    ) -> T:
+        """Run ``fn`` in one transaction, retrying while another process holds the file."""
+        deadline = time.monotonic() + self._timeout
+        delay = _BACKOFF_FIRST
+        while True:
+            try:
+                with self._lock:
+                    conn = self._conn()
+                    if setup:
+                        self._create_schema(conn)
+                        return fn(conn)
+                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    try:
+                        result = fn(conn)
+                        conn.execute("COMMIT")
+                    finally:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                return result
+            except sqlite3.Error as exc:
+                if _is_busy(exc) and time.monotonic() < deadline:
+                    time.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, _BACKOFF_MAX)
+                    continue
+                raise self._wrap(exc) from exc
+
+    def _wrap(self, exc: sqlite3.Error) -> LedgerError:
+        text = str(exc)
+        if _is_busy(exc):
+            return LedgerUnavailable(
+                f"SQLite ledger {self.path}: still locked by another writer after "
+                f"{self._timeout:g}s ({text})"
+            )
+        if any(marker in text.lower() for marker in _UNAVAILABLE_MARKERS):
+            return LedgerUnavailable(f"SQLite ledger {self.path}: {text}")
+        return LedgerError(f"SQLite ledger {self.path}: {text}")
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        with contextlib.suppress(sqlite3.OperationalError):  # no meta table yet
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is not None:
+                self._check_version(int(row[0]))
+                return
+        import sqlite_utils
+
+        db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
+        if not self._memory:
+            db.enable_wal()
+        units = dict.fromkeys(UNITS, int)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            db.create_table(
+                "counters",
+                {"key": str, "bucket": int, "scope": str, "window": str, **units,
+                 "expires_at": float},
+                pk=("key", "bucket"), not_null=["key", "bucket", *UNITS],
+                if_not_exists=True,
+            )  # fmt: skip
+            holds = db.create_table(
+                "holds",
+                {"reservation_id": str, "key": str, "bucket": int, **units, "expires_at": float},
+                not_null=["reservation_id", "key", "bucket", *UNITS, "expires_at"],
+                if_not_exists=True,
+            )
+            holds.create_index(["key", "bucket"], if_not_exists=True)
+            holds.create_index(["expires_at"], if_not_exists=True)
+            holds.create_index(["reservation_id"], if_not_exists=True)
+            usage = db.create_table(
+                "usage",
+                {"id": int, "ts": float, "reservation_id": str, "settled_id": str,
+                 "scopes": str, "model": str, "requested_model": str, "action": str,
+                 "input_tokens": int, "output_tokens": int, "cached_input_tokens": int,
+                 "usd": float, "priced": int, "estimated": int, "extra": str},
+                pk="id", not_null=["ts", "action"], if_not_exists=True,
+            )  # fmt: skip
+            usage.create_index(["settled_id"], unique=True, if_not_exists=True)
+            usage.create_index(["ts"], if_not_exists=True)
+            scopes = db.create_table(
+                "usage_scopes",
+                {"usage_id": int, "scope": str},
+                pk=("usage_id", "scope"),
+                if_not_exists=True,
+            )
+            scopes.create_index(["scope"], if_not_exists=True)
+            db.create_table(
+                "alerts", {"key": str, "expires_at": float}, pk="key", if_not_exists=True
+            )
+            db.create_table("meta", {"key": str, "value": str}, pk="key", if_not_exists=True)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        self._check_version(int(row[0]))
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"SQLite ledger {self.path} has schema version {version}, newer than this "
+                f"tb_plugins understands ({SCHEMA_VERSION}); upgrade tb-plugins"
+            )
+
+    @staticmethod
+    def _states(
+        conn: sqlite3.Connection, lines: Sequence[Line], now: float, exclude: str | None = None
+    ) -> tuple[LineState, ...]:
+        states = []
+        for line in lines:
+            low = line.lowest_bucket
+            rows = conn.execute(
+                _LINE_STATE, (line.key, low, line.bucket, line.key, low, line.bucket, now, exclude)
+            ).fetchall()
+            rows.sort(key=lambda r: int(r[0]))
+            states.append(LineState(spent=_amounts(rows[0][1:]), held=_amounts(rows[1][1:])))
+        return tuple(states)
+
+    # -- the atomic operations -----------------------------------------------------------------
+
+    def reserve(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        *,
+        now: float,
+        expires_at: float,
+    ) -> ReserveResult:
+        """Hold ``amounts`` on every line if every limit allows it, else change nothing.
+
+        Reserving an id that already holds replaces its hold (its old hold does not count
+        against the new check), so a retried reserve never holds twice.
+        """
+
+        def tx(conn: sqlite3.Connection) -> ReserveResult:
+            conn.execute(_PURGE_HOLDS, (now,))
+            states = self._states(conn, lines, now, exclude=reservation_id)
+            ok = all(_fits(line, state, amounts) for line, state in zip(lines, states, strict=True))
+            if ok:
+                conn.execute(_DELETE_HOLDS, (reservation_id,))
+                conn.executemany(
+                    _INSERT_HOLD,
+                    [(reservation_id, ln.key, ln.bucket, *amounts, expires_at) for ln in lines],
+                )
+            return ReserveResult(ok=ok, states=states)
+
+        return self._run(tx)
+
+    def settle(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        record: UsageRecord,
+        *,
+        now: float,
+    ) -> SettleResult:
+        """Replace the hold by ``amounts`` on each line and log ``record``; idempotent by id."""
+
+        def tx(conn: sqlite3.Connection) -> SettleResult:
+            cur = conn.execute(_INSERT_USAGE, (reservation_id, *self._record_row(record)))
+            if cur.rowcount == 0:
+                return SettleResult(applied=False, states=self._states(conn, lines, now))
+            self._insert_scopes(conn, cur.lastrowid, record)
+            conn.execute(_DELETE_HOLDS, (reservation_id,))
+            conn.executemany(
+                _UPSERT_COUNTER,
+                [(ln.key, ln.bucket, ln.scope, ln.window, *amounts, ln.expires_at) for ln in lines],
+            )
+            if now >= self._next_prune:
+                for sql in _PRUNE:
+                    conn.execute(sql, (now - PRUNE_GRACE,))
+                self._next_prune = now + PRUNE_EVERY
+            return SettleResult(applied=True, states=self._states(conn, lines, now))
+
+        return self._run(tx)
+
+    def release(self, reservation_id: str, *, now: float) -> bool:
+        """Drop the hold; True if a live (unexpired) hold was removed."""
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            live = conn.execute(_DELETE_LIVE_HOLDS, (reservation_id, now)).rowcount
+            conn.execute(_DELETE_HOLDS, (reservation_id,))
+            return live > 0
+
+        return self._run(tx)
+
+    def status(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
+        """Spent and held per line, read in one snapshot (expired holds do not count)."""
+        return self._run(lambda conn: self._states(conn, lines, now), write=False)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def scopes(self) -> list[tuple[str, str]]:
+        """Every (scope, window) pair with a counter, sorted."""
+        rows = self._run(lambda conn: conn.execute(_SCOPES).fetchall(), write=False)
+        return [(str(scope), str(window)) for scope, window in rows]
+
+    def claim_alert(self, alert_key: str, *, expires_at: float | None) -> bool:
+        """True for the first claim of ``alert_key``; the row is pruned once long expired."""
+        return self._run(lambda c: c.execute(_CLAIM_ALERT, (alert_key, expires_at)).rowcount > 0)
+
+    def append_usage(self, record: UsageRecord) -> None:
+        """Log a record with no spend (a refused call); it is never taken as a settle."""
+
+        def tx(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(_INSERT_USAGE, (None, *self._record_row(record)))
+            self._insert_scopes(conn, cur.lastrowid, record)
+
+        self._run(tx)
+
+    def usage(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        group_by: GroupBy = "scope",
+        scope: str | None = None,
+    ) -> list[UsageRow]:
+        """Totals of records with ``since <= ts < until``, grouped by scope, model or UTC day.
+
+        ``requests`` counts settled records and ``denied`` refused ones; tokens and usd sum
+        the settled records only.
+        """
+        sql = _USAGE.get(group_by)
+        if sql is None:
+            raise ValueError(f"group_by must be 'scope', 'model' or 'day', not {group_by!r}")
+        params = {"since": since, "until": until, "scope": scope}
+        rows = self._run(lambda conn: conn.execute(sql, params).fetchall(), write=False)
+        return sorted(
+            (
+                UsageRow(
+                    key=str(r[0]),
+                    requests=int(r[1]),
+                    denied=int(r[2]),
+                    input_tokens=int(r[3]),
+                    output_tokens=int(r[4]),
+                    cached_input_tokens=int(r[5]),
+                    usd=float(r[6]),
+                )
+                for r in rows
+            ),
+            key=lambda row: row.key,
+        )
+
+    def records(
+        self, *, since: float | None = None, until: float | None = None, limit: int | None = None
+    ) -> list[UsageRecord]:
+        """The first ``limit`` records with ``since <= ts < until``, oldest first."""
+        params = {"since": since, "until": until, "limit": -1 if limit is None else limit}
+        rows = self._run(lambda conn: conn.execute(_RECORDS, params).fetchall(), write=False)
+        return [
+            UsageRecord(
+                ts=r[0],
+                reservation_id=r[1],
+                scopes=tuple(json.loads(r[2])),
+                model=r[3],
+                requested_model=r[4],
+                action=r[5],
+                input_tokens=r[6],
+                output_tokens=r[7],
+                cached_input_tokens=r[8],
+                usd=r[9],
+                priced=bool(r[10]),
+                estimated=bool(r[11]),
+                extra=json.loads(r[12]),
+            )
+            for r in rows
+        ]
+
+    @staticmethod
+    def _record_row(r: UsageRecord) -> tuple[Any, ...]:
+        return (
+            r.ts, r.reservation_id, json.dumps(list(r.scopes), ensure_ascii=False), r.model,
+            r.requested_model, r.action, r.input_tokens, r.output_tokens, r.cached_input_tokens,
+            float(r.usd), int(r.priced), int(r.estimated),
+            json.dumps(r.extra, ensure_ascii=False, default=str),
+        )  # fmt: skip
+
+    @staticmethod
+    def _insert_scopes(conn: sqlite3.Connection, usage_id: int | None, r: UsageRecord) -> None:
+        conn.executemany(_INSERT_USAGE_SCOPE, [(usage_id, s) for s in dict.fromkeys(r.scopes)])
+
+    def close(self) -> None:
+        """Close this process's connections (an in-memory ledger loses its data)."""
+        pid = os.getpid()
+        with self._conns_lock:
+            mine = [c for p, _, c in self._conns if p == pid]
+            self._conns = [(p, t, c) for p, t, c in self._conns if p != pid]
+        for conn in mine:
+            conn.close()
+        self._local = threading.local()
+        if self._single is not None:
+            self._single.close()
