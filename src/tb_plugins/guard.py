@@ -310,6 +310,7 @@ class BudgetGuard:
         prompt: str | Sequence[str] | None = None,
         input_tokens: int | None = None,
         reservation_id: str | None = None,
+        adjust: bool = True,
     ) -> Decision:
         """Decide one call and hold its estimate on every budget of its scope path.
 
@@ -322,6 +323,8 @@ class BudgetGuard:
             prompt: plain text input instead of messages (completions, embeddings).
             input_tokens: a known input count; skips counting.
             reservation_id: an id to use (e.g. the framework's call id); default a uuid4.
+            adjust: False when the caller cannot change the request (a callback that only
+                observes): the answer is then ``allow`` or a refusal, never clamp/downgrade.
 
         Returns:
             The decision: apply ``decision.model`` and ``decision.max_tokens`` to the call.
@@ -335,7 +338,7 @@ class BudgetGuard:
         self._sync_clock()
         self._maybe_flush()
         flow = self._check_flow(
-            model, messages, max_tokens, scopes, tools, prompt, input_tokens, reservation_id
+            model, messages, max_tokens, scopes, tools, prompt, input_tokens, reservation_id, adjust
         )
         return self._drive(flow)
 
@@ -350,12 +353,13 @@ class BudgetGuard:
         prompt: str | Sequence[str] | None = None,
         input_tokens: int | None = None,
         reservation_id: str | None = None,
+        adjust: bool = True,
     ) -> Decision:
         """Async :meth:`check`: the same decision, awaiting the ledger."""
         await self._async_sync_clock()
         await self._amaybe_flush()
         flow = self._check_flow(
-            model, messages, max_tokens, scopes, tools, prompt, input_tokens, reservation_id
+            model, messages, max_tokens, scopes, tools, prompt, input_tokens, reservation_id, adjust
         )
         return await self._adrive(flow)
 
@@ -577,6 +581,7 @@ class BudgetGuard:
         prompt: str | Sequence[str] | None,
         input_tokens: int | None,
         reservation_id: str | None,
+        adjust: bool,
     ) -> Generator[_Op, Any, Decision]:
         now = self.now()
         path = self.scope_path(scopes)
@@ -602,7 +607,7 @@ class BudgetGuard:
             raise too_large
         lines = self._lines(path, now)
         expires_at = now + self.policy.reservation_ttl
-        cheaper = self._downgrade_model(model)
+        cheaper = self._downgrade_model(model) if adjust else None
         # A line known to be past downgrade_at starts the ladder on the cheaper model.
         hinted = bool(cheaper) and any(self._hints.get(lp.line.key) for lp in lines)
         if hinted and cheaper:
@@ -652,7 +657,8 @@ class BudgetGuard:
             if not hard and (best is None or best >= plan.output_tokens):
                 continue  # it fits now; another process took and returned room meanwhile
             if (
-                not hard
+                adjust
+                and not hard
                 and best is not None
                 and plan.output_tokens > 0
                 and best >= min(min_out, plan.output_tokens)
