@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -88,6 +87,8 @@ class WebhookSink:
 
     def send(self, alert: Alert) -> None:
         """POST one alert now (blocking)."""
+        import urllib.request
+
         body = json.dumps(alert.to_dict()).encode()
         req = urllib.request.Request(
             self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"

@@ -31,10 +31,9 @@ from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from tb_plugins.alerts import Alert, AlertSink, LogSink, WebhookSink, dispatch
-from tb_plugins.config import Budget, Policy, UsePrice, load_policy, load_policy_dict
 from tb_plugins.core.counting import Tokenizer, default_counter
 from tb_plugins.core.policy import (
     LinePlan,
@@ -50,6 +49,7 @@ from tb_plugins.core.usage import (
     NANO,
     UNITS,
     Amounts,
+    Limits,
     Usage,
     UsageRecord,
     UsageRow,
@@ -69,6 +69,9 @@ from tb_plugins.errors import (
 from tb_plugins.ledger import Ledger, ledger_from_url
 from tb_plugins.ledger.base import GroupBy, Line, LineState, ReserveResult, SettleResult, line_key
 from tb_plugins.warnings import FailOpenWarning, UnpricedModelWarning
+
+if TYPE_CHECKING:  # pydantic loads with the first policy, not with `import tb_plugins`
+    from tb_plugins.config import Budget, Policy
 
 __all__ = ["BudgetGuard", "BudgetStatus", "Charge", "Decision", "Estimate"]
 
@@ -189,6 +192,17 @@ class _Pending:
     record: UsageRecord
 
 
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """What a line of one scope and window needs besides the time: key, limits, budgets."""
+
+    key: str
+    window: str
+    limits: Limits
+    names: tuple[str | None, ...]
+    budgets: tuple[Budget, ...]
+
+
 class _LRU(OrderedDict[Any, Any]):
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -238,6 +252,8 @@ class BudgetGuard:
         prices: PriceTable | None = None,
         alert_sinks: Iterable[AlertSink] = (),
     ) -> None:
+        from tb_plugins.config import UsePrice
+
         self.policy = policy
         self.ledger = ledger or ledger_from_url(policy.ledger, timeout=policy.ledger_timeout)
         self.clock: Clock = clock or system_clock
@@ -266,7 +282,8 @@ class BudgetGuard:
             elif spec.webhook is not None:
                 self._sinks.append(WebhookSink(spec.webhook))
         self._sinks.extend(alert_sinks)
-        self._scope_budgets = _LRU(16384)
+        self._scope_templates = _LRU(16384)
+        self._slots: dict[str, tuple[Slot, float, float]] = {}
         self._pending: list[_Pending] = []
         self._pending_lock = threading.Lock()
         self._last_flush = 0.0
@@ -281,11 +298,15 @@ class BudgetGuard:
     @classmethod
     def from_config(cls, path: str | Path, **kwargs: Any) -> BudgetGuard:
         """Build a guard from a YAML policy file (see :mod:`tb_plugins.config`)."""
+        from tb_plugins.config import load_policy
+
         return cls(load_policy(path), **kwargs)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **kwargs: Any) -> BudgetGuard:
         """Build a guard from a policy dict with the file's structure."""
+        from tb_plugins.config import load_policy_dict
+
         return cls(load_policy_dict(data), **kwargs)
 
     def add_alert_sink(self, sink: AlertSink) -> None:
@@ -463,39 +484,62 @@ class BudgetGuard:
             path.append(s)
         return tuple(path)
 
-    def _budgets_for(self, scope: str) -> tuple[Budget, ...]:
-        return self._scope_budgets.get_or(  # type: ignore[no-any-return]
-            scope, lambda: tuple(b for b in self.budgets if b.matches(scope))
-        )
+    def _templates(self, scope: str) -> tuple[_Template, ...]:
+        """Per scope: one entry per window with its storage key and merged limits (cached)."""
 
-    def _lines(self, path: Sequence[str], now: float) -> tuple[LinePlan, ...]:
-        out: list[LinePlan] = []
-        slots: dict[str, Slot] = {}
-        for scope in path:
+        def build() -> tuple[_Template, ...]:
             by_window: dict[str, list[Budget]] = {}
-            for b in self._budgets_for(scope):
-                by_window.setdefault(b.window.spec, []).append(b)
+            for b in self.budgets:
+                if b.matches(scope):
+                    by_window.setdefault(b.window.spec, []).append(b)
+            out = []
             for spec, budgets in by_window.items():
-                slot = slots.get(spec)
-                if slot is None:
-                    slot = slots[spec] = budgets[0].window.slot(now, self._tz)
                 limits: list[int | None] = [None] * len(UNITS)
                 names: list[str | None] = [None] * len(UNITS)
                 for b in budgets:
                     for u, lim in enumerate(b.limits):
-                        if lim is not None and (limits[u] is None or lim < limits[u]):  # type: ignore[operator]
+                        current = limits[u]
+                        if lim is not None and (current is None or lim < current):
                             limits[u], names[u] = lim, b.name
+                merged: Limits = (limits[0], limits[1], limits[2], limits[3], limits[4], limits[5])
+                out.append(
+                    _Template(line_key(scope, spec), spec, merged, tuple(names), tuple(budgets))
+                )
+            return tuple(out)
+
+        return self._scope_templates.get_or(scope, build)  # type: ignore[no-any-return]
+
+    def _slot(self, budget: Budget, now: float) -> Slot:
+        """The window slot for ``now``, reused until the bucket changes."""
+        cached = self._slots.get(budget.window.spec)
+        if cached is not None and cached[1] <= now < cached[2]:
+            return cached[0]
+        slot = budget.window.slot(now, self._tz)
+        if slot.width:  # rolling: the bucket moves every `width` seconds
+            valid = (float(slot.bucket), float(slot.bucket + slot.width))
+        elif slot.resets_at is None:  # total
+            valid = (float("-inf"), float("inf"))
+        else:
+            valid = (slot.start, slot.resets_at)
+        self._slots[budget.window.spec] = (slot, *valid)
+        return slot
+
+    def _lines(self, path: Sequence[str], now: float) -> tuple[LinePlan, ...]:
+        out: list[LinePlan] = []
+        for scope in path:
+            for t in self._templates(scope):
+                slot = self._slot(t.budgets[0], now)
                 line = Line(
-                    key=line_key(scope, spec),
+                    key=t.key,
                     scope=scope,
-                    window=spec,
+                    window=t.window,
                     bucket=slot.bucket,
                     span=slot.span,
                     width=slot.width,
-                    limits=tuple(limits),  # type: ignore[arg-type]
+                    limits=t.limits,
                     expires_at=slot.expires_at,
                 )
-                out.append(LinePlan(line, tuple(budgets), tuple(names), slot.resets_at))
+                out.append(LinePlan(line, t.budgets, t.names, slot.resets_at))
         return tuple(out)
 
     # -- estimates -------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from tb_plugins.config import Budget
 from tb_plugins.core.usage import (
     CALLS,
     INPUT_TOKENS,
@@ -34,6 +34,9 @@ from tb_plugins.core.usage import (
 )
 from tb_plugins.errors import BudgetExceeded, LoopLimitExceeded
 from tb_plugins.ledger.base import Line, LineState
+
+if TYPE_CHECKING:
+    from tb_plugins.config import Budget
 
 __all__ = [
     "LinePlan",

@@ -22,10 +22,9 @@ Amount vectors are six integers (see :mod:`tb_plugins.core.usage`). Storage keys
 from __future__ import annotations
 
 import abc
-import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
 from urllib.parse import quote
 
 from tb_plugins.core.usage import Amounts, Limits, UsageRecord, UsageRow
@@ -41,6 +40,16 @@ __all__ = [
 ]
 
 GroupBy = Literal["scope", "model", "day"]
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+async def _to_thread(fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    import asyncio  # not at import time: `import tb_plugins` stays light
+
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 def line_key(scope: str, window: str) -> str:
@@ -229,7 +238,7 @@ class Ledger(abc.ABC):
         expires_at: float,
     ) -> ReserveResult:
         """Async :meth:`reserve`."""
-        return await asyncio.to_thread(
+        return await _to_thread(
             self.reserve, reservation_id, lines, amounts, now=now, expires_at=expires_at
         )
 
@@ -243,23 +252,23 @@ class Ledger(abc.ABC):
         now: float,
     ) -> SettleResult:
         """Async :meth:`settle`."""
-        return await asyncio.to_thread(self.settle, reservation_id, lines, amounts, record, now=now)
+        return await _to_thread(self.settle, reservation_id, lines, amounts, record, now=now)
 
     async def arelease(self, reservation_id: str, *, now: float) -> bool:
         """Async :meth:`release`."""
-        return await asyncio.to_thread(self.release, reservation_id, now=now)
+        return await _to_thread(self.release, reservation_id, now=now)
 
     async def astatus(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
         """Async :meth:`status`."""
-        return await asyncio.to_thread(self.status, lines, now=now)
+        return await _to_thread(self.status, lines, now=now)
 
     async def aclaim_alert(self, alert_key: str, *, expires_at: float | None) -> bool:
         """Async :meth:`claim_alert`."""
-        return await asyncio.to_thread(self.claim_alert, alert_key, expires_at=expires_at)
+        return await _to_thread(self.claim_alert, alert_key, expires_at=expires_at)
 
     async def aappend_usage(self, record: UsageRecord) -> None:
         """Async :meth:`append_usage`."""
-        await asyncio.to_thread(self.append_usage, record)
+        await _to_thread(self.append_usage, record)
 
     async def aserver_time(self) -> float | None:
         """Async :meth:`server_time`."""

@@ -1,0 +1,169 @@
+"""Guard cycle cost against `litellm.token_counter` alone, and `import tb_plugins` time.
+
+    python benchmarks/bench_guard.py [--reps 15] [--json]
+
+A guard cycle is count + check + settle on a 4-scope path (global, team, user, agent). Every
+repetition uses fresh message text, so nothing is served from a previous repetition's cache:
+on the 30-step transcript each step sends the whole history again, of which only the newest
+messages are unseen, as in a real agent loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+MODEL = "gpt-4o"
+SCOPES = ["team:search", "user:alice", "agent:planner"]
+POLICY: dict[str, Any] = {
+    "alerts": [],
+    "budgets": [
+        {"scope": "global", "tokens": 10**12, "window": "month"},
+        {"scope": "team:*", "tokens": 10**12, "window": "day", "alerts": [0.5, 0.8]},
+        {"scope": "user:*", "tokens": 10**12, "window": "rolling:1m"},
+        {"scope": "agent:*", "tokens": 10**12, "window": "day"},
+    ],
+}
+WORDS = ("budget ledger token window reserve settle agent chain model price cache scope team "
+         "alert clamp downgrade deny loop cutoff").split()
+
+
+def text(seed: int, n_words: int) -> str:
+    return " ".join(f"{WORDS[(seed * 7 + i * 13) % len(WORDS)]}{(seed + i) % 97}"
+                    for i in range(n_words))
+
+
+def prompt_1k(seed: int) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": "You are a careful assistant."},
+            {"role": "user", "content": text(seed, 480)}]
+
+
+def transcript(seed: int, steps: int = 30) -> list[list[dict[str, Any]]]:
+    """The message list sent at each step of an agent loop with tool calls."""
+    history: list[dict[str, Any]] = [
+        {"role": "system", "content": "You plan searches and call tools."},
+        {"role": "user", "content": text(seed, 60)},
+    ]
+    sent = []
+    for step in range(steps):
+        sent.append(list(history))
+        call_id = f"call_{seed}_{step}"
+        history.append({"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function",
+             "function": {"name": "search", "arguments": json.dumps({"q": text(seed + step, 8)})}}]})
+        history.append({"role": "tool", "tool_call_id": call_id, "content": text(seed + step, 90)})
+    return sent
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def guard_for(url: str) -> Any:
+    from tb_plugins import BudgetGuard
+
+    return BudgetGuard.from_dict({**POLICY, "ledger": url})
+
+
+def cycle(guard: Any, messages: list[dict[str, Any]]) -> None:
+    from tb_plugins import Usage
+
+    d = guard.check(model=MODEL, messages=messages, max_tokens=256, scopes=SCOPES)
+    guard.settle(d, Usage(input_tokens=d.estimate.input_tokens, output_tokens=200))
+
+
+def import_time(reps: int = 7) -> tuple[float, float]:
+    """Median wall ms of `python -c 'import tb_plugins'` and of `python -c 'pass'`."""
+    def run(code: str) -> float:
+        return timed(lambda: subprocess.run([sys.executable, "-c", code], check=True)) * 1000
+
+    base = statistics.median(run("pass") for _ in range(reps))
+    full = statistics.median(run("import tb_plugins") for _ in range(reps))
+    return full, base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    import litellm
+
+    tmp = tempfile.mkdtemp()
+    backends = {"memory": "memory://", "sqlite": f"sqlite:///{tmp}/bench.db"}
+    rows: list[dict[str, Any]] = []
+
+    # warm-up: tokenizer files, the price map, litellm's lazy imports
+    for url in backends.values():
+        cycle(guard_for(url), prompt_1k(-1))
+    litellm.token_counter(model=MODEL, messages=prompt_1k(-2))
+
+    # 1. a first-seen 1k-token prompt
+    base = [timed(lambda s=s: litellm.token_counter(model=MODEL, messages=prompt_1k(s)))
+            for s in range(args.reps)]
+    base_med = statistics.median(base) * 1e6
+    rows.append({"case": "1k-token prompt, first seen", "what": "litellm.token_counter",
+                 "median_us": base_med, "ratio": 1.0})
+    for name, url in backends.items():
+        g = guard_for(url)
+        samples = [timed(lambda s=s: cycle(g, prompt_1k(1000 + s))) for s in range(args.reps)]
+        med = statistics.median(samples) * 1e6
+        rows.append({"case": "1k-token prompt, first seen", "what": f"guard cycle ({name})",
+                     "median_us": med, "ratio": med / base_med, "target": "<= 1.5"})
+
+    # 2. a 30-step agent transcript with a growing history (median per step, and total)
+    base_tot, base_steps = [], []
+    for s in range(args.reps):
+        steps = transcript(5000 + s)
+        t = [timed(lambda m=m: litellm.token_counter(model=MODEL, messages=m)) for m in steps]
+        base_tot.append(sum(t))
+        base_steps.extend(t)
+    base_total = statistics.median(base_tot) * 1e6
+    rows.append({"case": "30-step agent transcript", "what": "litellm.token_counter",
+                 "median_us": statistics.median(base_steps) * 1e6,
+                 "total_us": base_total, "ratio": 1.0})
+    for name, url in backends.items():
+        g = guard_for(url)
+        tot, per = [], []
+        for s in range(args.reps):
+            steps = transcript(9000 + s * 31 + len(name))
+            t = [timed(lambda m=m: cycle(g, m)) for m in steps]
+            tot.append(sum(t))
+            per.extend(t)
+        total = statistics.median(tot) * 1e6
+        rows.append({"case": "30-step agent transcript", "what": f"guard cycle ({name})",
+                     "median_us": statistics.median(per) * 1e6, "total_us": total,
+                     "ratio": total / base_total, "target": "<= 0.5"})
+
+    full, bare = import_time()
+    rows.append({"case": "import tb_plugins", "what": "python -c 'import tb_plugins'",
+                 "median_us": full * 1000, "ratio": None,
+                 "note": f"{full - bare:.1f} ms over a bare interpreter ({bare:.1f} ms)",
+                 "target": "< 100 ms"})
+
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'case':30} {'what':28} {'median µs':>11} {'total µs':>11} {'ratio':>7}  target")
+    for r in rows:
+        total = f"{r['total_us']:,.0f}" if "total_us" in r else ""
+        ratio = f"{r['ratio']:.2f}" if r.get("ratio") is not None else ""
+        print(f"{r['case']:30} {r['what']:28} {r['median_us']:>11,.0f} {total:>11} {ratio:>7}"
+              f"  {r.get('target', '')} {r.get('note', '')}")
+
+
+if __name__ == "__main__":
+    main()
