@@ -29,7 +29,9 @@ rather reserve a little too much than let a call through unpaid):
   768 px; ``detail: low`` is 85. ``detail: auto`` (or none) is counted as high, because the
   server may choose high. The size is read from a ``data:`` URL's PNG, JPEG, GIF or WebP
   header; a remote URL is never fetched, so an unknown size counts as the documented worst
-  case, 768x2048 -> 8 tiles -> 1445 tokens.
+  case, 768x2048 -> 8 tiles -> 1445 tokens. (Some models, such as gpt-4o-mini and the
+  patch-billed gpt-4.1-mini/nano and o4-mini, price images differently; they get this
+  same rule.)
 * ``input_audio``: about 10 tokens per second of audio; the duration is read from a WAV
   header, otherwise assumed from the size at 32 kbit/s (which errs high for most codecs).
 * ``file`` parts: the file name, plus the decoded text of a ``text/*`` or JSON data URL,
@@ -40,9 +42,9 @@ rather reserve a little too much than let a call through unpaid):
   rendering. Odd content never raises; only a value that is not a message does.
 
 Other model families (Claude, Gemini, Llama, Mistral, unknown names) are approximated: the
-cl100k_base count of the same content (with the gpt-4 constants) times
-``approximation_margin`` (default 1.2), rounded up. :meth:`TokenCounter.is_exact` says
-which kind a model gets.
+cl100k_base count of the same content (with the gpt-4 constants and the same image, audio
+and file rules) times ``approximation_margin`` (default 1.2), rounded up.
+:meth:`TokenCounter.is_exact` says which kind a model gets.
 
 tiktoken never downloads here. An encoding is built from a hash-checked local file:
 ``$TIKTOKEN_CACHE_DIR`` if it holds one, else the copy LiteLLM ships in its package. With
@@ -59,7 +61,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import io
+import itertools
 import json
 import math
 import os
@@ -68,17 +72,15 @@ import struct
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
-from tb_plugins.core import _assets
 from tb_plugins.warnings import ApproximateCountWarning
 
 if TYPE_CHECKING:
     import tiktoken
 
-__all__ = ["TokenCounter", "Tokenizer", "count_tokens", "default_counter"]
+__all__ = ["TokenCounter", "Tokenizer", "count_tokens", "default_counter", "image_tokens"]
 
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
@@ -94,6 +96,7 @@ _AUDIO_ASSUMED_BYTES_PER_SECOND = 4000  # 32 kbit/s: low for speech codecs, so i
 _PDF_PAGE_TOKENS = 765 + 1000
 
 _ENCODER_FALLBACK_NAME = "utf8-bytes/3"
+_CHUNK_CHARS = 8192
 
 
 @runtime_checkable
@@ -140,19 +143,46 @@ class _Encoder(Protocol):
     def count(self, text: str) -> int: ...
 
 
-@dataclass(frozen=True)
 class _TiktokenEncoder:
-    name: str
-    encoding: tiktoken.Encoding
+    __slots__ = ("encoding", "name")
+
+    def __init__(self, name: str, encoding: tiktoken.Encoding) -> None:
+        self.name = name
+        self.encoding = encoding
 
     def count(self, text: str) -> int:
         # encode_ordinary: special-token text in a prompt is plain text to the API.
-        return len(self.encoding.encode_ordinary(text))
+        encode = self.encoding.encode_ordinary
+        if len(text) <= _CHUNK_CHARS:
+            return len(encode(text))
+        return sum(len(encode(chunk)) for chunk in _chunks(text))
 
 
-@dataclass(frozen=True)
+def _chunks(text: str) -> Iterator[str]:
+    """Split long text where tiktoken's pre-tokenizer splits anyway, so counts stay exact.
+
+    BPE cost grows faster than linearly on long runs without spaces (4 MB of dots takes
+    seconds), which a client could send on purpose. A single space between two non-space
+    characters always starts a new pre-token in the OpenAI encodings, so cutting just
+    before one changes nothing; a run with no such space is cut hard, at most one token
+    off per cut.
+    """
+    start, end = 0, len(text)
+    while end - start > _CHUNK_CHARS:
+        lo, cut = start + _CHUNK_CHARS // 2, start + _CHUNK_CHARS
+        i = text.rfind(" ", lo, cut)
+        while i > lo and (text[i - 1].isspace() or text[i + 1].isspace()):
+            i = text.rfind(" ", lo, i)
+        if i > lo:
+            cut = i
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 class _ByteEstimate:
-    name: str = _ENCODER_FALLBACK_NAME
+    __slots__ = ()
+    name = _ENCODER_FALLBACK_NAME
 
     def count(self, text: str) -> int:
         return -(-len(text.encode("utf-8", "surrogatepass")) // 3)
@@ -185,6 +215,8 @@ class _EncodingLoader:
         loaded = tiktoken.registry.ENCODINGS.get(name)
         if loaded is not None:
             return _TiktokenEncoder(name, loaded)
+        from tb_plugins.core import _assets  # pathlib and hashlib: only when needed
+
         path = _assets.tiktoken_bpe_file(name)
         if path is None:
             return self._fallback(name, f"no local BPE file for {name}")
@@ -230,8 +262,7 @@ _LOADER = _EncodingLoader()
 # ------------------------------------------------------------------------- model rules
 
 
-@dataclass(frozen=True)
-class _ToolRules:
+class _ToolRules(NamedTuple):
     func_init: int
     prop_init: int
     prop_key: int
@@ -269,8 +300,7 @@ def _openai_encoding(model: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class _Plan:
+class _Plan(NamedTuple):
     encoder: _Encoder
     tool_rules: _ToolRules
     exact: bool
@@ -291,13 +321,15 @@ class _LRUCache:
         if self._maxsize <= 0:
             return [None] * len(keys)
         found: list[int | None] = []
-        data = self._data
+        get = self._data.get
+        touch = self._data.move_to_end
+        append = found.append
         with self._lock:
             for key in keys:
-                value = None if key is None else data.get(key)
+                value = None if key is None else get(key)
                 if value is not None:
-                    data.move_to_end(key)
-                found.append(value)
+                    touch(key)
+                append(value)
         return found
 
     def put_many(self, items: Iterable[tuple[Hashable, int]]) -> None:
@@ -337,12 +369,136 @@ def _stable_key(value: object) -> str | None:
         return None
 
 
-def _message_key(message: Mapping[str, Any]) -> Hashable | None:
+class _Unhashable(Exception):
+    pass
+
+
+_SCALAR_TYPES = frozenset({int, float, bool, type(None)})
+
+
+def _freeze(value: object) -> Hashable:
+    """A hashable twin of JSON-like data: exact, and much cheaper than json.dumps."""
+    if type(value) is str:
+        return value
+    if type(value) is dict:
+        return ("{", *[(k, v if type(v) is str else _freeze(v)) for k, v in value.items()])
+    if type(value) is list or type(value) is tuple:
+        return ("[", *[v if type(v) is str else _freeze(v) for v in value])
+    if type(value) in _SCALAR_TYPES:
+        # Tagged: 1, 1.0 and True are equal as keys but render differently.
+        return (type(value).__name__, value)
+    if isinstance(value, Mapping):
+        return ("{", *[(k, _freeze(v)) for k, v in value.items()])
+    if isinstance(value, (list, tuple)):
+        return ("[", *[_freeze(v) for v in value])
+    raise _Unhashable
+
+
+def _message_key(namespace: str, message: object, index: int) -> Hashable | None:
+    """Validate one message and return its cache key (None: count it uncached)."""
+    if type(message) is not dict and not isinstance(message, Mapping):
+        raise ValueError(
+            f"messages[{index}] is not a chat message: expected a mapping with a "
+            f"'role', got {type(message).__name__}"
+        )
+    role = message.get("role")
+    if not isinstance(role, str):
+        problem = "has no 'role'" if role is None else f"has a non-string role {role!r}"
+        raise ValueError(f"messages[{index}] is not a chat message: it {problem}")
     items = tuple(message.items())
     for _, value in items:
         if value is not None and type(value) is not str:
-            return _stable_key(message)
-    return items
+            try:
+                return (
+                    namespace,
+                    tuple([(k, v if type(v) is str else _freeze(v)) for k, v in items]),
+                )
+            except (_Unhashable, RecursionError):
+                stable = _stable_key(message)
+                return None if stable is None else (namespace, stable)
+    return (namespace, items)
+
+
+class _History:
+    """A private snapshot of a history and the running token count after each message."""
+
+    __slots__ = ("cumulative", "messages")
+
+    def __init__(self, messages: list[dict[Any, Any]], cumulative: list[int]) -> None:
+        self.messages = messages
+        self.cumulative = cumulative  # cumulative[i] = tokens of messages[:i]
+
+    def common_prefix(self, messages: list[Any]) -> int:
+        n = min(len(self.messages), len(messages))
+        try:
+            # One C-level comparison covers the usual case: the old history, unchanged.
+            # (Values equal under == but rendered differently, like 1 and 1.0, pass as
+            # the same message: a one-token error at most, for odd content only.)
+            if messages[:n] == self.messages[:n]:
+                return n
+            i = 0
+            while i < n and messages[i] == self.messages[i]:
+                i += 1
+            return i
+        except Exception:  # == on exotic content (e.g. arrays) may raise: no fast path
+            return 0
+
+
+def _snapshot(message: Mapping[Any, Any]) -> dict[Any, Any]:
+    for value in message.values():
+        if value is not None and type(value) is not str:
+            # Nested lists and dicts can be mutated in place by the caller later.
+            return copy.deepcopy(dict(message))
+    return dict(message)
+
+
+class _HistoryMemo:
+    """The most recent histories, keyed by their first message, for agent loops.
+
+    A loop resends its history plus a few new messages; comparing the old part with one
+    ``==`` per message (in C) is far cheaper than building a cache key for each.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._slots = slots
+        self._data: OrderedDict[Hashable, _History] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> _History | None:
+        with self._lock:
+            history = self._data.get(key)
+            if history is not None:
+                self._data.move_to_end(key)
+            return history
+
+    def remember(
+        self,
+        key: Hashable,
+        base: _History | None,
+        prefix: int,
+        new_messages: Sequence[Mapping[Any, Any]],
+        new_counts: Sequence[int],
+    ) -> None:
+        try:
+            snapshots = [_snapshot(m) for m in new_messages]
+        except Exception:  # content deepcopy cannot copy: just skip the fast path
+            return
+        cumulative = base.cumulative[: prefix + 1] if base is not None else [0]
+        running = cumulative[-1]
+        for count in new_counts:
+            running += count
+            cumulative.append(running)
+        messages = base.messages[:prefix] if base is not None else []
+        history = _History(messages + snapshots, cumulative)
+        with self._lock:
+            self._data[key] = history
+            self._data.move_to_end(key)
+            while len(self._data) > self._slots:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
 
 
 # ------------------------------------------------------------------------ the counter
@@ -351,13 +507,17 @@ def _message_key(message: Mapping[str, Any]) -> Hashable | None:
 class TokenCounter:
     """The default :class:`Tokenizer`: exact for OpenAI models, a safe margin elsewhere.
 
-    Counts of single messages and of tool lists are kept in a bounded LRU cache, so an
-    agent loop that resends a growing history encodes only the messages it has not seen;
-    a fully seen history costs one dictionary lookup per message. The counter is
-    thread-safe and meant to be shared (see :func:`default_counter`).
+    Counts of single messages and of tool lists are kept in a bounded LRU cache keyed by
+    content, so an agent loop that resends a growing history encodes only the messages it
+    has not seen; a fully seen history costs one dictionary lookup per message. On top of
+    that the most recent histories (up to 64, keyed by their first message, copied so
+    later in-place edits are noticed) are remembered, and a resent history is matched
+    against them with one C-level ``==`` per message. The counter is thread-safe and
+    meant to be shared (see :func:`default_counter`).
 
     Args:
-        cache_size: How many message and tool-list counts to keep; 0 disables caching.
+        cache_size: How many message and tool-list counts to keep; 0 disables all
+            caching.
         approximation_margin: Factor applied to cl100k_base counts for models without an
             exact tokenizer (must be positive; values below 1 undercount).
 
@@ -381,6 +541,7 @@ class TokenCounter:
                 f"approximation_margin must be a positive number, got {approximation_margin!r}"
             )
         self._cache = _LRUCache(cache_size)
+        self._memo = _HistoryMemo(min(cache_size, 64)) if cache_size else None
         self._margin = float(approximation_margin)
         self._plans: dict[str, _Plan] = {}
 
@@ -397,6 +558,8 @@ class TokenCounter:
             >>> counter.clear_cache()
         """
         self._cache.clear()
+        if self._memo is not None:
+            self._memo.clear()
 
     def encoding_name(self, model: str) -> str | None:
         """Return the tiktoken encoding of an OpenAI model, or None for other models.
@@ -459,26 +622,42 @@ class TokenCounter:
             17
         """
         plan = self._plan(model)
-        checked = _check_messages(messages)
-        encoder = plan.encoder
-        keys: list[Hashable | None] = []
-        for message in checked:
-            key = _message_key(message)
-            keys.append(None if key is None else (encoder.name, key))
-        cached = self._cache.get_many(keys)
+        _check_sequence(messages)
         total = REPLY_PRIMING_TOKENS
+        if messages:
+            total += self._count_history(plan.encoder, messages)
+        if tools:
+            total += self._count_tools(plan, tools)
+        return self._finish(plan, total)
+
+    def _count_history(self, encoder: _Encoder, messages: Sequence[Mapping[str, Any]]) -> int:
+        namespace = encoder.name
+        first = _message_key(namespace, messages[0], 0)
+        memo_key = first if self._memo is not None and type(messages) is list else None
+        base: _History | None = None
+        prefix = 0
+        if memo_key is not None and self._memo is not None:
+            base = self._memo.get(memo_key)
+            if base is not None:
+                prefix = base.common_prefix(messages)  # type: ignore[arg-type]
+        rest = list(itertools.islice(messages, prefix, None))
+        keys = [
+            first if i == 0 else _message_key(namespace, m, i)
+            for i, m in enumerate(rest, start=prefix)
+        ]
+        counts: list[int] = []
         fresh: list[tuple[Hashable, int]] = []
-        for message, key, hit in zip(checked, keys, cached, strict=True):
+        for message, key, hit in zip(rest, keys, self._cache.get_many(keys), strict=True):
             if hit is None:
                 hit = _count_message(encoder, message)
                 if key is not None:
                     fresh.append((key, hit))
-            total += hit
+            counts.append(hit)
         if fresh:
             self._cache.put_many(fresh)
-        if tools:
-            total += self._count_tools(plan, tools)
-        return self._finish(plan, total)
+        if memo_key is not None and self._memo is not None and rest:
+            self._memo.remember(memo_key, base, prefix, rest, counts)
+        return (base.cumulative[prefix] if base is not None else 0) + sum(counts)
 
     def _count_tools(self, plan: _Plan, tools: Sequence[Mapping[str, Any]]) -> int:
         if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):
@@ -555,22 +734,11 @@ def count_tokens(
 # ------------------------------------------------------------------- message counting
 
 
-def _check_messages(messages: object) -> Sequence[Mapping[str, Any]]:
+def _check_sequence(messages: object) -> None:
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise ValueError(
             f"messages must be a sequence of chat messages, got {type(messages).__name__}"
         )
-    for index, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise ValueError(
-                f"messages[{index}] is not a chat message: expected a mapping with a "
-                f"'role', got {type(message).__name__}"
-            )
-        role = message.get("role")
-        if not isinstance(role, str):
-            problem = "has no 'role'" if role is None else f"has a non-string role {role!r}"
-            raise ValueError(f"messages[{index}] is not a chat message: it {problem}")
-    return messages
 
 
 def _count_message(encoder: _Encoder, message: Mapping[str, Any]) -> int:

@@ -20,10 +20,7 @@ import re
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
-
-from tb_plugins.core import _assets
 
 __all__ = ["LiteLLMPriceTable", "ModelPrice", "PriceTable", "Pricing", "parse_price"]
 
@@ -148,7 +145,7 @@ class LiteLLMPriceTable:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        self._path = Path(path) if path is not None else None
+        self._path = os.fspath(path) if path is not None else None
         self._lock = threading.Lock()
         self._entries: dict[str, ModelPrice] | None = None
         self._aliases: dict[str, str] = {}
@@ -176,14 +173,20 @@ class LiteLLMPriceTable:
             return self._entries
         with self._lock:
             if self._entries is None:
-                path = self._path or _assets.litellm_model_cost_map()
+                path = self._path
+                if path is None:
+                    from tb_plugins.core import _assets  # pathlib and hashlib: only when needed
+
+                    bundled = _assets.litellm_model_cost_map()
+                    path = None if bundled is None else os.fspath(bundled)
                 raw: object = {} if path is None else _read_json(path)
-                self._entries, self._aliases = _parse_cost_map(raw)
+                entries, self._aliases = _parse_cost_map(raw)
+                self._entries = entries  # last: it is what lock-free readers check
             return self._entries
 
 
-def _read_json(path: Path) -> object:
-    with path.open(encoding="utf-8") as f:
+def _read_json(path: str) -> object:
+    with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
         except ValueError as exc:
