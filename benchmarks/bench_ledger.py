@@ -12,7 +12,8 @@ Usage::
     python benchmarks/bench_ledger.py --url redis://127.0.0.1:6379/15 --url postgresql://...
 
 A ``--url`` ledger must be shareable between processes unless it is ``memory://`` (which runs
-in one process only). Every run uses fresh scope names, so a shared server needs no cleanup.
+in one process only). Every run uses fresh scope names, so a shared server needs no cleanup;
+``{run}`` in a URL becomes the run's id (the default SQLite URL uses it for a fresh file).
 """
 
 from __future__ import annotations
@@ -65,30 +66,37 @@ def make_lines(run: str, worker: int, limit: int, now: float) -> list[Line]:
     return lines
 
 
-def worker(url: str, run: str, index: int, cycles: int, limit: int, barrier: Barrier | None,
-           results: Any) -> None:  # fmt: skip
-    """Run ``cycles`` reserve(+settle) cycles and report (admitted, seconds)."""
+def cycles_on(url: str, run: str, index: int, cycles: int, limit: int) -> tuple[int, float]:
+    """Run ``cycles`` reserve(+settle) cycles; return (admitted, seconds)."""
     ledger = ledger_from_url(url)
     cost = amounts(100, 20, 1500)
-    if barrier is not None:
-        barrier.wait()
+    # The lines of a scope path are the guard's work, computed once: this measures the ledger.
+    lines = make_lines(run, index, limit, time.time())
+    scopes = tuple(ln.scope for ln in lines)
     admitted = 0
     start = time.perf_counter()
     for i in range(cycles):
         now = time.time()
-        lines = make_lines(run, index, limit, now)
         rid = f"{run}-{index}-{i}"
         if ledger.reserve(rid, lines, cost, now=now, expires_at=now + TTL).ok:
             admitted += 1
             record = UsageRecord(
-                ts=now, reservation_id=rid, scopes=tuple(ln.scope for ln in lines),
-                model="bench-model", requested_model="bench-model", action="allow",
-                input_tokens=100, output_tokens=20, usd=1.5e-6,
+                ts=now, reservation_id=rid, scopes=scopes, model="bench-model",
+                requested_model="bench-model", action="allow", input_tokens=100,
+                output_tokens=20, usd=1.5e-6,
             )  # fmt: skip
             ledger.settle(rid, lines, cost, record, now=now)
     elapsed = time.perf_counter() - start
     ledger.close()
-    results.put((admitted, elapsed))
+    return admitted, elapsed
+
+
+def worker(url: str, run: str, index: int, cycles: int, limit: int, barrier: Barrier,
+           results: Any) -> None:  # fmt: skip
+    """A child process: open the ledger, wait for the others, run, report."""
+    ledger_from_url(url).close()  # connect (and import) before the clock starts
+    barrier.wait()
+    results.put(cycles_on(url, run, index, cycles, limit))
 
 
 @dataclass
@@ -107,16 +115,17 @@ class Result:
 
 
 def run_one(url: str, label: str, procs: int, cycles: int) -> Result:
-    """One measurement: ``procs`` processes (or this one) × ``cycles`` cycles on ``url``."""
+    """One measurement: ``procs`` processes (or this one), ``cycles`` cycles each, on ``url``."""
     run = uuid.uuid4().hex[:8]
+    url = url.replace("{run}", run)
     attempts = procs * cycles
     limit = attempts * 3 // 4  # admits exactly this many; the rest must be refused
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue() if procs > 1 else _ListQueue()
     if procs == 1:
-        worker(url, run, 0, cycles, limit, None, results)
-        admitted, seconds = results.items[0]
+        admitted, seconds = cycles_on(url, run, 0, cycles, limit)
     else:
+        ledger_from_url(url).close()  # create the schema once, not in every child
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
         barrier = ctx.Barrier(procs + 1)
         children = [
             ctx.Process(target=worker, args=(url, run, i, cycles, limit, barrier, results))
@@ -141,14 +150,6 @@ def run_one(url: str, label: str, procs: int, cycles: int) -> Result:
     return Result(label, procs, attempts, admitted, limit, counted, seconds)
 
 
-class _ListQueue:
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-
-    def put(self, item: Any) -> None:
-        self.items.append(item)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -156,24 +157,33 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--procs", default="1,2,4,8", help="process counts, comma-separated")
     parser.add_argument("--cycles", type=int, default=1000, help="cycles per process")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per row; the best rate is shown (timeit-style)"
+    )
     args = parser.parse_args(argv)
     procs_list = [int(p) for p in args.procs.split(",")]
     tmp = tempfile.mkdtemp(prefix="tb-bench-")
-    urls = args.url or [f"sqlite:///{os.path.join(tmp, 'ledger.db')}", "memory://"]
+    urls = args.url or [f"sqlite:///{os.path.join(tmp, 'ledger-{run}.db')}", "memory://"]
 
-    print(f"{'backend':<10} {'procs':>5} {'cycles':>7} {'cycles/s':>10} {'admitted':>9} "
-          f"{'limit K':>8} {'overshoot':>9} {'counted':>8}")  # fmt: skip
-    worst = 0
+    print(f"{'backend':<8} {'procs':>5} {'attempts':>8} {'reservations/s':>14} {'limit K':>8} "
+          f"{'admitted':>8} {'overshoot':>9} {'counted':>8}")  # fmt: skip
+    failed = False
     for url in urls:
         scheme = url.split("://", 1)[0]
         for procs in [1] if scheme in SINGLE_PROCESS_SCHEMES else procs_list:
-            r = run_one(url, scheme, procs, args.cycles)
-            overshoot = r.admitted - r.limit
-            worst = max(worst, abs(overshoot), abs(r.counted - r.admitted))
-            print(f"{r.label:<10} {r.procs:>5} {r.attempts:>7} {r.rate:>10,.0f} {r.admitted:>9} "
-                  f"{r.limit:>8} {overshoot:>9} {r.counted:>8}", flush=True)  # fmt: skip
-    if worst:
-        print("FAIL: a ledger admitted more or fewer calls than its limit", file=sys.stderr)
+            runs = [run_one(url, scheme, procs, args.cycles) for _ in range(args.repeat)]
+            best = max(runs, key=lambda r: r.rate)
+            # every run must admit exactly K and count exactly what it admitted
+            worst = max(
+                runs, key=lambda r: (abs(r.admitted - r.limit), abs(r.counted - r.admitted))
+            )
+            failed |= worst.admitted != worst.limit or worst.counted != worst.admitted
+            print(f"{scheme:<8} {procs:>5} {best.attempts:>8} {best.rate:>14,.0f} {worst.limit:>8} "
+                  f"{worst.admitted:>8} {worst.admitted - worst.limit:>9} {worst.counted:>8}",
+                  flush=True)  # fmt: skip
+    if failed:
+        print("FAIL: a ledger admitted or counted a number of calls other than its limit",
+              file=sys.stderr)  # fmt: skip
         return 1
     return 0
 

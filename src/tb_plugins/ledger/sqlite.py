@@ -12,13 +12,14 @@ Tables::
     usage(id, ts, reservation_id, settled_id UNIQUE, scopes, model, ...)  the usage log;
         settled_id is the reservation id of a settle (NULL for refused calls), so the log
         is also the set of settled ids that makes settle idempotent
-    usage_scopes(usage_id, scope)                                 one row per scope of a record
+    usage_scopes(scope, usage_id)                                 one row per scope of a record
     alerts(key, expires_at)                                       alerts already claimed
     meta(key, value)                                              schema_version
 
 The WAL journal and ``synchronous=NORMAL`` keep a commit cheap (no fsync per call; a power
-loss may drop the last few commits, never corrupt the file). Connections are per thread and
-reopened in a forked child.
+loss may drop the last few commits, never corrupt the file), and 1 KiB pages keep the WAL
+small, since a settle dirties about ten pages. Connections are per thread and reopened in a
+forked child (by an ``os.register_at_fork`` hook, and a pid check behind it).
 
 Example:
     >>> from tb_plugins import ledger_from_url
@@ -34,11 +35,12 @@ import random
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from tb_plugins.core.usage import UNITS, Amounts, UsageRecord, UsageRow
+from tb_plugins.core.usage import UNITS, ZERO, Amounts, UsageRecord, UsageRow
 from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
 from tb_plugins.ledger.base import GroupBy, Ledger, Line, LineState, ReserveResult, SettleResult
 
@@ -47,6 +49,7 @@ __all__ = ["SCHEMA_VERSION", "SQLiteLedger"]
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
+PAGE_SIZE = 1024  # bytes, for new files
 PRUNE_EVERY = 600.0  # seconds of ledger time between two prunes of dead counters and alerts
 PRUNE_GRACE = 86_400.0  # a counter or alert is deleted this long after it stopped being read
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.0005, 0.05  # seconds, retry of a locked file (with jitter)
@@ -85,7 +88,7 @@ _INSERT_USAGE = f"""
 INSERT INTO usage (settled_id, {_RECORD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (settled_id) DO NOTHING
 """
-_INSERT_USAGE_SCOPE = "INSERT OR IGNORE INTO usage_scopes (usage_id, scope) VALUES (?, ?)"
+_INSERT_USAGE_SCOPE = "INSERT OR IGNORE INTO usage_scopes (scope, usage_id) VALUES (?, ?)"
 _PRUNE = (
     "DELETE FROM counters WHERE expires_at < ?",
     "DELETE FROM alerts WHERE expires_at < ?",
@@ -116,12 +119,20 @@ _USAGE: dict[str, str] = {
     "day": _USAGE_TEMPLATE.format(key="strftime('%Y-%m-%d', u.ts, 'unixepoch')", join=""),
 }
 
+_INHERITED: list[sqlite3.Connection] = []  # parent connections a forked child must not close
+_LEDGERS: weakref.WeakSet[SQLiteLedger] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for ledger in list(_LEDGERS):
+        ledger._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 _BUSY_MARKERS = ("database is locked", "database table is locked", "database is busy")
 _UNAVAILABLE_MARKERS = ("unable to open", "disk i/o error", "readonly", "read-only")
-
-
-def _amounts(row: Sequence[Any]) -> Amounts:
-    return (int(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]), int(row[5]))
 
 
 def _fits(line: Line, state: LineState, amounts: Amounts) -> bool:
@@ -170,6 +181,7 @@ class SQLiteLedger(Ledger):
         self._lock: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if self._memory else contextlib.nullcontext()
         )
+        _LEDGERS.add(self)
         self._run(lambda conn: None, write=False, setup=True)
 
     @classmethod
@@ -211,21 +223,34 @@ class SQLiteLedger(Ledger):
     def _conn(self) -> sqlite3.Connection:
         if self._single is not None:
             return self._single
-        pid = os.getpid()
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != pid:
-            # A connection inherited through fork() must never be used (nor closed) in the
-            # child: it shares the parent's locks. Open a fresh one.
+        if conn is None or self._local.pid != os.getpid():
             conn = self._open()
+            pid, me = os.getpid(), threading.current_thread()
             self._local.conn, self._local.pid = conn, pid
-            me = threading.current_thread()
             with self._conns_lock:
-                dead = [c for p, t, c in self._conns if p == pid and not t.is_alive()]
-                self._conns = [(p, t, c) for p, t, c in self._conns if p == pid and t.is_alive()]
-                self._conns.append((pid, me, conn))
+                keep, dead = [], []
+                for entry in self._conns:
+                    if entry[0] != pid:  # inherited through fork: never use nor close it
+                        _INHERITED.append(entry[2])
+                    elif entry[1].is_alive():
+                        keep.append(entry)
+                    else:  # its thread has finished
+                        dead.append(entry[2])
+                self._conns = [*keep, (pid, me, conn)]
             for stale in dead:
                 stale.close()
         return conn
+
+    def _after_fork(self) -> None:
+        # The child must neither use nor close the connections it inherited (SQLite's locks
+        # belong to the parent); keep them referenced, unused, and start afresh.
+        _INHERITED.extend(conn for _, _, conn in self._conns)
+        self._conns = []
+        self._conns_lock = threading.Lock()
+        self._local = threading.local()
+        if self._single is not None:  # a memory ledger keeps its copy, private to the child
+            self._lock = threading.Lock()
 
     def _run(
         self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True, setup: bool = False
@@ -276,6 +301,8 @@ class SQLiteLedger(Ledger):
 
         db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
         if not self._memory:
+            # Small pages: a settle dirties ~10 pages, and the WAL writes each one whole.
+            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # only takes on a new, empty file
             db.enable_wal()
         units = dict.fromkeys(UNITS, int)
         conn.execute("BEGIN IMMEDIATE")
@@ -294,8 +321,8 @@ class SQLiteLedger(Ledger):
                 if_not_exists=True,
             )
             holds.create_index(["key", "bucket"], if_not_exists=True)
-            holds.create_index(["expires_at"], if_not_exists=True)
             holds.create_index(["reservation_id"], if_not_exists=True)
+            holds.create_index(["expires_at"], if_not_exists=True)
             usage = db.create_table(
                 "usage",
                 {"id": int, "ts": float, "reservation_id": str, "settled_id": str,
@@ -306,13 +333,12 @@ class SQLiteLedger(Ledger):
             )  # fmt: skip
             usage.create_index(["settled_id"], unique=True, if_not_exists=True)
             usage.create_index(["ts"], if_not_exists=True)
-            scopes = db.create_table(
+            db.create_table(  # the primary key doubles as the index by scope
                 "usage_scopes",
-                {"usage_id": int, "scope": str},
-                pk=("usage_id", "scope"),
+                {"scope": str, "usage_id": int},
+                pk=("scope", "usage_id"),
                 if_not_exists=True,
             )
-            scopes.create_index(["scope"], if_not_exists=True)
             db.create_table(
                 "alerts", {"key": str, "expires_at": float}, pk="key", if_not_exists=True
             )
@@ -342,11 +368,12 @@ class SQLiteLedger(Ledger):
         states = []
         for line in lines:
             low = line.lowest_bucket
-            rows = conn.execute(
+            sums = [ZERO, ZERO]
+            for row in conn.execute(
                 _LINE_STATE, (line.key, low, line.bucket, line.key, low, line.bucket, now, exclude)
-            ).fetchall()
-            rows.sort(key=lambda r: int(r[0]))
-            states.append(LineState(spent=_amounts(rows[0][1:]), held=_amounts(rows[1][1:])))
+            ):
+                sums[row[0]] = row[1:]  # six integers: coalesce(sum(...), 0) of INTEGER columns
+            states.append(LineState(spent=sums[0], held=sums[1]))
         return tuple(states)
 
     # -- the atomic operations -----------------------------------------------------------------
@@ -513,7 +540,7 @@ class SQLiteLedger(Ledger):
 
     @staticmethod
     def _insert_scopes(conn: sqlite3.Connection, usage_id: int | None, r: UsageRecord) -> None:
-        conn.executemany(_INSERT_USAGE_SCOPE, [(usage_id, s) for s in dict.fromkeys(r.scopes)])
+        conn.executemany(_INSERT_USAGE_SCOPE, [(s, usage_id) for s in dict.fromkeys(r.scopes)])
 
     def close(self) -> None:
         """Close this process's connections (an in-memory ledger loses its data)."""

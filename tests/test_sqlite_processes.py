@@ -1,0 +1,193 @@
+"""The SQLite ledger under real concurrency: processes, a killed holder, fork and threads."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tb_plugins.core.usage import REQUESTS, TOKENS, ZERO, UsageRecord, amounts
+from tb_plugins.ledger import Line, ledger_from_url, line_key
+
+pytestmark = [pytest.mark.slow, pytest.mark.sqlite]
+
+T0 = 1_700_000_000.0
+TTL = 600.0
+WORKERS, ATTEMPTS, ADMIT = 8, 250, 600  # 2,000 attempts for 600 places
+
+
+def _lines(worker: int, requests_limit: int | None) -> list[Line]:
+    """A scope path of 4 lines; only ``global`` limits ``requests``."""
+    scopes = [
+        ("global", requests_limit),
+        ("team:t", None),
+        (f"user:{worker}", None),
+        ("agent:a", None),
+    ]
+    return [
+        Line(
+            key=line_key(scope, "total"),
+            scope=scope,
+            window="total",
+            bucket=0,
+            span=1,
+            width=0,
+            limits=(None, None, None, None, limit, None),
+            expires_at=None,
+        )
+        for scope, limit in scopes
+    ]
+
+
+def _record(rid: str, lines: list[Line], tokens: int) -> UsageRecord:
+    return UsageRecord(
+        ts=T0,
+        reservation_id=rid,
+        scopes=tuple(ln.scope for ln in lines),
+        model="m",
+        requested_model="m",
+        action="allow",
+        input_tokens=tokens,
+    )
+
+
+def _hammer(url: str, worker: int, start: Any, out: Any) -> None:
+    """Child: ATTEMPTS reserve(+settle) cycles; report (admitted, tokens settled)."""
+    ledger = ledger_from_url(url)
+    lines = _lines(worker, ADMIT)
+    start.wait()
+    admitted = settled_tokens = 0
+    for i in range(ATTEMPTS):
+        rid = f"w{worker}-{i}"
+        if ledger.reserve(rid, lines, amounts(50, 0, 0), now=T0, expires_at=T0 + TTL).ok:
+            admitted += 1
+            actual = 1 + (worker * 31 + i * 7) % 97  # actual usage differs from the estimate
+            ledger.settle(rid, lines, amounts(actual, 0, 0), _record(rid, lines, actual), now=T0)
+            settled_tokens += actual
+    ledger.close()
+    out.put((admitted, settled_tokens))
+
+
+def _hold_and_wait(url: str, held: Any) -> None:
+    """Child: reserve the whole line, tell the parent, then wait to be killed."""
+    ledger = ledger_from_url(url)
+    lines = _lines(0, ADMIT)[:1]
+    result = ledger.reserve("doomed", lines, amounts(0, 0, 0, requests=ADMIT), now=T0,
+                            expires_at=T0 + TTL)  # fmt: skip
+    held.put(result.ok)
+    threading.Event().wait()
+
+
+def _integrity(path: Path) -> str:
+    with sqlite3.connect(path) as conn:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def test_processes_admit_exactly_the_limit_and_counters_match_settled_spend(
+    tmp_path: Path,
+) -> None:
+    """8 processes racing on one file admit exactly K calls and count exactly what they settled."""
+    path = tmp_path / "ledger.db"
+    url = f"sqlite:///{path}"
+    ledger_from_url(url).close()  # create the schema once, before the race
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_hammer, args=(url, w, start, out)) for w in range(WORKERS)]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert sum(admitted for admitted, _ in results) == ADMIT
+    with ledger_from_url(url) as ledger:
+        states = ledger.status(_lines(0, ADMIT), now=T0)
+        assert states[0].spent[REQUESTS] == ADMIT
+        assert states[0].spent[TOKENS] == sum(tokens for _, tokens in results)
+        assert all(s.held == ZERO for s in states)
+        assert len(ledger.records()) == ADMIT
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM holds").fetchone() == (0,)
+    assert _integrity(path) == "ok"
+
+
+def test_a_killed_holder_blocks_until_its_ttl_then_its_room_returns(tmp_path: Path) -> None:
+    """A process SIGKILLed while holding the whole line blocks others until the hold's TTL."""
+    path = tmp_path / "ledger.db"
+    url = f"sqlite:///{path}"
+    ctx = mp.get_context("spawn")
+    held = ctx.Queue()
+    child = ctx.Process(target=_hold_and_wait, args=(url, held))
+    child.start()
+    try:
+        assert held.get(timeout=60) is True
+    finally:
+        os.kill(child.pid or 0, signal.SIGKILL)
+        child.join(timeout=30)
+    assert child.exitcode == -signal.SIGKILL
+    everything = amounts(0, 0, 0, requests=ADMIT)
+    with ledger_from_url(url) as ledger:
+        line = _lines(0, ADMIT)[:1]
+        before = T0 + TTL - 1
+        assert not ledger.reserve(
+            "early", line, amounts(0, 0, 0), now=before, expires_at=T0 + 2 * TTL
+        ).ok
+        assert ledger.reserve("after", line, everything, now=T0 + TTL, expires_at=T0 + 2 * TTL).ok
+    assert _integrity(path) == "ok"
+
+
+def test_a_forked_child_reopens_its_connection_and_shares_the_file(tmp_path: Path) -> None:
+    """After os.fork() the child's calls use a fresh connection and land in the same file."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    lines = _lines(0, None)[:1]
+    with ledger_from_url(url) as ledger:
+        ledger.reserve("parent", lines, amounts(5, 0, 0), now=T0, expires_at=T0 + TTL)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                ledger.reserve("child", lines, amounts(7, 0, 0), now=T0, expires_at=T0 + TTL)
+                ok = ledger.settle(
+                    "child", lines, amounts(7, 0, 0), _record("child", lines, 7), now=T0
+                )
+                code = 0 if ok.applied else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        ledger.settle("parent", lines, amounts(5, 0, 0), _record("parent", lines, 5), now=T0)
+        (state,) = ledger.status(lines, now=T0)
+        assert state.spent[TOKENS] == 12 and state.held == ZERO
+
+
+def test_threads_share_one_ledger_without_over_admitting(tmp_path: Path) -> None:
+    """Threads of one process, each with its own connection, admit exactly the limit."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    limit, threads, attempts = 50, 8, 20
+    admitted: list[int] = []
+    with ledger_from_url(url) as ledger:
+        lines = _lines(0, limit)
+
+        def run(t: int) -> None:
+            n = 0
+            for i in range(attempts):
+                rid = f"t{t}-{i}"
+                if ledger.reserve(rid, lines, amounts(1, 0, 0), now=T0, expires_at=T0 + TTL).ok:
+                    ledger.settle(rid, lines, amounts(1, 0, 0), _record(rid, lines, 1), now=T0)
+                    n += 1
+            admitted.append(n)
+
+        workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert sum(admitted) == limit
+        assert ledger.status(lines, now=T0)[0].spent[REQUESTS] == limit
