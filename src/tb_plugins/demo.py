@@ -293,7 +293,7 @@ async def _agent_run(
     *,
     team: str,
     loop: bool,
-    tool: bool = True,
+    with_tool: bool = True,
 ) -> None:
     from langchain.agents import create_agent
     from langchain_core.tools import tool
@@ -307,9 +307,8 @@ async def _agent_run(
         return f"The wiki says {topic} are agreed per team, per day, in tokens and dollars."
 
     def chat(model: str) -> ChatOpenAI:
-        return ChatOpenAI(
-            model=model, base_url=server.base_url, api_key="sk-demo", max_tokens=120, max_retries=0
-        )
+        settings: dict[str, Any] = {"max_tokens": 120, "max_retries": 0, "api_key": "sk-demo"}
+        return ChatOpenAI(model=model, base_url=server.base_url, **settings)
 
     middleware = TokenBudgetMiddleware(
         guard, scopes=[team, "user:bea"], models={"gpt-4o-mini": chat("gpt-4o-mini")}
