@@ -13,13 +13,14 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 
 from tb_plugins.ledger import Ledger, ledger_from_url
 
-BACKENDS = ["memory", "sqlite"]
-"""Every ledger backend the conformance suite runs on (add ``"redis"``, ``"postgres"`` here)."""
+BACKENDS = ["memory", "sqlite", "redis", "postgres"]
+"""Every ledger backend the conformance suite runs on."""
 
 BACKEND_MARKERS = {
     "memory": "the in-process memory:// ledger",
@@ -45,6 +46,10 @@ def require_server(name: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
+_SERVER_NAMESPACES: list[tuple[str, str]] = []
+"""(backend, Redis key prefix or PostgreSQL schema) of every server ledger made this session."""
+
+
 def make_ledger(name: str, tmp_path: Path) -> Ledger:
     """A new, empty ledger of backend ``name`` (files go under ``tmp_path``).
 
@@ -55,11 +60,41 @@ def make_ledger(name: str, tmp_path: Path) -> Ledger:
     if name == "sqlite":
         tmp_path.mkdir(parents=True, exist_ok=True)
         return ledger_from_url(f"sqlite:///{tmp_path / 'ledger.db'}")
-    # Server backends go here, e.g.:
-    # if name == "redis":
-    #     require_server("Redis", "127.0.0.1", 6379)
-    #     return ledger_from_url("redis://127.0.0.1:6379/15", prefix=f"tbtest-{uuid4().hex}")
+    if name == "redis":
+        require_server("Redis", "127.0.0.1", 6379)
+        prefix = f"tbtest-{uuid4().hex}"
+        _SERVER_NAMESPACES.append((name, prefix))
+        return ledger_from_url("redis://127.0.0.1:6379/15", prefix=prefix)
+    if name == "postgres":
+        require_server("PostgreSQL", "127.0.0.1", 5432)
+        schema = f"tbtest_{uuid4().hex}"
+        _SERVER_NAMESPACES.append((name, schema))
+        return ledger_from_url("postgresql://postgres@127.0.0.1:5432/test", schema=schema)
     raise ValueError(f"unknown ledger backend {name!r}; known: {BACKENDS}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_server_ledgers() -> Iterator[None]:
+    """After the session, delete the Redis keys and PostgreSQL schemas its ledgers made."""
+    yield
+    for name, namespace in _SERVER_NAMESPACES:
+        if name == "redis":
+            import redis
+
+            client = redis.Redis(host="127.0.0.1", port=6379, db=15)
+            keys = list(client.scan_iter(match=f"{{tb:{namespace}}}*", count=1000))
+            if keys:
+                client.delete(*keys)
+            client.close()
+        else:
+            import psycopg
+            from psycopg import sql
+
+            with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as c:
+                c.execute("SET client_min_messages = warning")
+                c.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(namespace))
+                )
 
 
 @pytest.fixture(params=[pytest.param(name, marks=getattr(pytest.mark, name)) for name in BACKENDS])

@@ -1,0 +1,265 @@
+"""Reserve + settle on the shared ledgers (Redis, PostgreSQL) from 1, 4 and 8 processes, beside
+the network floor measured in the same run.
+
+For each backend and process count, every process first times ``--floor`` pairs of bare round
+trips (a no-op ``EVALSHA`` of the ledger's own script for Redis, ``SELECT 1`` for PostgreSQL),
+all processes at once, then runs ``--cycles`` reserve (+ settle when admitted) cycles on a scope
+path of 4 lines (``global`` per month, ``team`` and ``user`` per day, ``agent`` rolling:1m), all
+at once. The ``global`` line's ``requests`` limit admits exactly K = 3/4 of the attempts, so the
+table also shows the overshoot (admitted - K), which must be 0.
+
+Columns: cycles/s (attempts per second, all processes), p50/p99 of one admitted reserve+settle
+cycle, the floor (p50 of two bare round trips), and p50/floor (the target is <= 2.5).
+
+``pg-async`` is the PostgreSQL ledger with ``synchronous_commit=off`` for its sessions (passed
+through the URL's libpq ``options``): a settle then returns before its WAL record is flushed to
+disk. It shows how much of a PostgreSQL settle is the fsync of its commit.
+
+Usage::
+
+    python benchmarks/bench_shared_ledgers.py
+    python benchmarks/bench_shared_ledgers.py --procs 1,8 --cycles 500 --backend redis
+    python benchmarks/bench_shared_ledgers.py --redis redis://10.0.0.5:6379/0 \\
+        --postgres postgresql://tb@10.0.0.6/bench
+
+Every run uses its own Redis key prefix and PostgreSQL schema, deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from tb_plugins.core.usage import REQUESTS, UsageRecord, amounts
+from tb_plugins.core.windows import parse_window
+from tb_plugins.ledger import Ledger, Line, ledger_from_url, line_key
+
+UTC = ZoneInfo("UTC")
+TTL = 600.0
+TARGET = 2.5
+
+
+def make_lines(run: str, worker: int, limit: int, now: float) -> list[Line]:
+    """The 4 lines one call charges; only ``global`` limits ``requests`` (to ``limit``)."""
+    path = [
+        (f"global:{run}", "month", (None, None, None, None, limit, None)),
+        (f"team:{run}", "day", (10**12, None, None, None, None, None)),
+        (f"user:{run}:{worker}", "day", (10**12, None, None, None, None, None)),
+        (f"agent:{run}", "rolling:1m", (10**12, None, None, None, None, None)),
+    ]
+    lines = []
+    for scope, spec, limits in path:
+        slot = parse_window(spec).slot(now, UTC)
+        lines.append(
+            Line(
+                key=line_key(scope, spec),
+                scope=scope,
+                window=spec,
+                bucket=slot.bucket,
+                span=slot.span,
+                width=slot.width,
+                limits=limits,
+                expires_at=slot.expires_at,
+            )
+        )
+    return lines
+
+
+def floor_once(ledger: Any) -> float:
+    """Two bare round trips, in seconds."""
+    start = time.perf_counter()
+    ledger.ping()
+    ledger.ping()
+    return time.perf_counter() - start
+
+
+def worker(url: str, run: str, index: int, cycles: int, floors: int, limit: int,
+           barrier: Any, results: Any) -> None:  # fmt: skip
+    """A child: connect and warm up, then (all at once) the floor, then the cycles."""
+    ledger = ledger_from_url(url)
+    now = ledger.server_time() or time.time()
+    lines = make_lines(run, index, limit, now)
+    warm = make_lines(f"{run}-warm", index, 10**9, now)
+    cost = amounts(100, 20, 1500)
+    scopes = tuple(ln.scope for ln in lines)
+    for i in range(20):  # connections, script cache, prepared statements
+        floor_once(ledger)
+        ledger.reserve(f"warm-{index}-{i}", warm, cost, now=now, expires_at=now + TTL)
+        ledger.release(f"warm-{index}-{i}", now=now)
+    barrier.wait()
+    floor = [floor_once(ledger) for _ in range(floors)]
+    barrier.wait()
+    latencies: list[float] = []
+    admitted = 0
+    start = time.perf_counter()
+    for i in range(cycles):
+        rid = f"{run}-{index}-{i}"
+        t0 = time.perf_counter()
+        if ledger.reserve(rid, lines, cost, now=now, expires_at=now + TTL).ok:
+            record = UsageRecord(
+                ts=now, reservation_id=rid, scopes=scopes, model="bench-model",
+                requested_model="bench-model", action="allow", input_tokens=100,
+                output_tokens=20, usd=1.5e-6,
+            )  # fmt: skip
+            ledger.settle(rid, lines, cost, record, now=now)
+            latencies.append(time.perf_counter() - t0)
+            admitted += 1
+    elapsed = time.perf_counter() - start
+    ledger.close()
+    results.put((admitted, elapsed, latencies, floor, now))
+
+
+@dataclass
+class Row:
+    backend: str
+    procs: int
+    attempts: int
+    seconds: float
+    latencies: list[float]
+    floor: list[float]
+    limit: int
+    admitted: int
+    counted: int
+    held: int
+
+    @property
+    def rate(self) -> float:
+        return self.attempts / self.seconds
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies)
+
+    @property
+    def p99(self) -> float:
+        return statistics.quantiles(self.latencies, n=100, method="inclusive")[98]
+
+    @property
+    def floor_p50(self) -> float:
+        return statistics.median(self.floor)
+
+
+def run_one(backend: str, url: str, procs: int, cycles: int, floors: int) -> Row:
+    run = uuid.uuid4().hex[:8]
+    attempts = procs * cycles
+    limit = attempts * 3 // 4  # admits exactly this many; the rest must be refused
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    barrier = ctx.Barrier(procs + 1)
+    children = [
+        ctx.Process(target=worker, args=(url, run, i, cycles, floors, limit, barrier, results))
+        for i in range(procs)
+    ]
+    for child in children:
+        child.start()
+    barrier.wait()  # everyone connected and warm
+    barrier.wait()  # everyone timed the floor
+    start = time.perf_counter()
+    outs = [results.get(timeout=900) for _ in children]
+    seconds = time.perf_counter() - start
+    for child in children:
+        child.join()
+    now = outs[0][4]
+    with ledger_from_url(url) as ledger:
+        states = ledger.status(make_lines(run, 0, limit, now), now=now)
+        counted = states[0].spent[REQUESTS]
+        held = sum(sum(s.held) for s in states)
+    return Row(
+        backend=backend,
+        procs=procs,
+        attempts=attempts,
+        seconds=seconds,
+        latencies=[x for o in outs for x in o[2]],
+        floor=[x for o in outs for x in o[3]],
+        limit=limit,
+        admitted=sum(o[0] for o in outs),
+        counted=counted,
+        held=held,
+    )
+
+
+def cleanup(backend: str, url: str, namespace: str) -> None:
+    """Delete the run's Redis keys or PostgreSQL schema."""
+    if backend == "redis":
+        import redis
+
+        client = redis.Redis.from_url(url.split("?", 1)[0])
+        keys = list(client.scan_iter(match=f"{{tb:{namespace}}}*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i : i + 500])
+        client.close()
+    else:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(url.split("?", 1)[0], autocommit=True) as conn:
+            conn.execute("SET client_min_messages = warning")
+            conn.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(namespace))
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/15", help="Redis server URL")
+    parser.add_argument(
+        "--postgres", default="postgresql://postgres@127.0.0.1:5432/test", help="PostgreSQL URL"
+    )
+    parser.add_argument("--backend", action="append", choices=["redis", "postgres", "pg-async"],
+                        help="backend to run (repeatable); default all three")  # fmt: skip
+    parser.add_argument("--procs", default="1,4,8", help="process counts, comma-separated")
+    parser.add_argument("--cycles", type=int, default=400, help="cycles per process")
+    parser.add_argument("--floor", type=int, default=200, help="floor samples per process")
+    args = parser.parse_args(argv)
+    procs_list = [int(p) for p in args.procs.split(",")]
+    namespace = f"tbbench_{uuid.uuid4().hex[:8]}"
+    urls = {
+        "redis": f"{args.redis}?prefix={namespace}",
+        "postgres": f"{args.postgres}?schema={namespace}",
+        # the same, with settles committed without waiting for the WAL flush (fsync)
+        "pg-async": f"{args.postgres}?schema={namespace}_a&options=-c%20synchronous_commit%3Doff",
+    }
+    load = os.getloadavg()[0]
+    print(f"{os.cpu_count()} CPUs, load average {load:.2f}; {args.cycles} cycles and "
+          f"{args.floor} floor samples per process; 4 lines per call\n")  # fmt: skip
+    header = (f"{'backend':<9}{'procs':>5}{'cycles/s':>10}{'p50 µs':>9}{'p99 µs':>9}"
+              f"{'floor µs':>10}{'p50/floor':>10}{'K':>7}{'admitted':>9}{'overshoot':>10}"
+              f"{'held':>6}")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    failed = False
+    for backend in args.backend or ["redis", "postgres", "pg-async"]:
+        url = urls[backend]
+        try:
+            ledger: Ledger = ledger_from_url(url)
+            ledger.ping()  # type: ignore[attr-defined]
+            ledger.close()
+            for procs in procs_list:
+                row = run_one(backend, url, procs, args.cycles, args.floor)
+                ratio = row.p50 / row.floor_p50
+                over = row.admitted - row.limit
+                failed |= over != 0 or row.counted != row.admitted or row.held != 0
+                print(f"{backend:<9}{procs:>5}{row.rate:>10,.0f}{row.p50 * 1e6:>9,.0f}"
+                      f"{row.p99 * 1e6:>9,.0f}{row.floor_p50 * 1e6:>10,.0f}{ratio:>9.2f}x"
+                      f"{row.limit:>7}{row.admitted:>9}{over:>10}{row.held:>6}",
+                      flush=True)  # fmt: skip
+        finally:
+            cleanup(backend, url, namespace if backend != "pg-async" else f"{namespace}_a")
+    print(f"\np50/floor target: <= {TARGET}x; overshoot and held must be 0.")
+    if failed:
+        print("FAIL: a ledger admitted, counted or kept holds other than it should",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,970 @@
+"""The PostgreSQL ledger: one database shared by every host, with the database's durability.
+
+``postgresql://user:password@host:port/dbname`` (or ``postgres://``). Options, in the URL query
+or as keywords: ``schema`` (default ``tb_plugins``), ``timeout`` (seconds, default 2),
+``pool_min`` and ``pool_max`` (connections per process, default 1 and 4). Other query
+parameters go to libpq unchanged (e.g. ``?sslmode=require&application_name=proxy-1``).
+
+**Atomicity.** Each operation is one call of a PL/pgSQL function (``postgres_schema.sql``):
+one round trip, one transaction. A reservation first locks the rows of its lines in ``lines``
+with one ``SELECT … ORDER BY key_hash FOR UPDATE``, always in ascending order of the key's
+hash, then checks settled spend plus live holds against every limit and holds on every line or
+on none. Every transaction takes its line locks in that one order before touching anything
+else, so concurrent reservations queue but never deadlock. A line seen for the first time is
+added by ``INSERT … ON CONFLICT DO NOTHING`` in a short transaction of its own (holding no
+other lock), then the call is made again. Settle is idempotent through a unique index on the
+settled reservation id in the usage log. A hold stops counting the moment its ``expires_at``
+passes (every read filters on it), so the hold of a process that died returns after its TTL;
+expired holds are deleted by a prune that runs every ten minutes.
+
+**Schema.** Created on first use under an advisory lock, inside the schema ``schema`` (created
+too), and versioned in its ``meta`` table; a newer schema than this code knows is refused. Long
+scope names are found by the SHA-256 of their text (a btree entry holds at most ~2.7 kB), so a
+10 kB scope name works like a short one. The usage log is indexed by time for reports.
+
+**Durability.** A settle commits synchronously: once ``settle`` returns, the spend survives
+anything the database survives (a crash, a restart, a failover to a synchronous replica). A
+reservation or release commits with ``synchronous_commit = off``: a hold is short-lived, and a
+database crash may forget the holds of the last fraction of a second (the calls they admitted
+still settle their real spend). The synchronous commit is most of a settle's latency (one WAL
+flush); a deployment that prefers speed can pass ``options=-c synchronous_commit=off`` in the
+URL (``?options=-c%20synchronous_commit%3Doff``), and then a database crash may lose the
+settles of up to three times ``wal_writer_delay`` before it (600 ms by default).
+
+**Time.** :meth:`PostgresLedger.server_time` is the database's ``clock_timestamp()``, so guards
+on hosts with skewed clocks agree on window boundaries.
+
+**Failures.** ``timeout`` bounds waiting for a pooled connection, connecting (libpq's
+``connect_timeout``, at least 2 s) and each statement (``statement_timeout``, lock waits
+included). libpq has no read timeout of its own, so a call still unanswered after 1.5 times
+``timeout`` (a server that stopped, a network that drops packets) has its connection closed
+under it by a watchdog thread. A connection found broken (the server restarted, the session was
+terminated) is dropped and the call retried at once on another. After a wait for a connection
+timed out, calls fail at once for the next second instead of each waiting again. Unreachable,
+late or cancelled calls raise :class:`~tb_plugins.errors.LedgerUnavailable` naming
+``host:port`` (never the password); other database errors raise
+:class:`~tb_plugins.errors.LedgerError`.
+
+Example:
+    >>> from tb_plugins import ledger_from_url
+    >>> ledger = ledger_from_url("postgresql://tb@db.internal/app?schema=budgets")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+
+from tb_plugins._lazy import require
+from tb_plugins.core.usage import Amounts, UsageRecord, UsageRow
+from tb_plugins.core.windows import parse_duration
+from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
+from tb_plugins.ledger.base import GroupBy, Ledger, Line, LineState, ReserveResult, SettleResult
+
+__all__ = ["SCHEMA_SQL", "SCHEMA_VERSION", "PostgresLedger"]
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+SCHEMA_SQL: str = (
+    resources.files("tb_plugins.ledger").joinpath("postgres_schema.sql").read_text("utf-8")
+)
+"""Tables and functions of the ledger, run with ``search_path`` set to the ledger's schema."""
+
+PRUNE_EVERY = 600.0  # seconds of ledger time between two prunes (per process)
+PRUNE_GRACE = 86_400.0  # a counter, hold or alert is deleted this long after it stopped counting
+PRUNE_BATCH = 10_000
+_ADD_ATTEMPTS = 4  # calls of a write that finds a line missing (a prune may race the insert)
+BREAKER_SECONDS = 1.0  # after a connection wait timed out, fail at once for this long
+WATCHDOG_FACTOR = 1.5  # a call is cut after this many ledger timeouts (see _Watchdog)
+_OPTIONS = ("schema", "timeout", "pool_min", "pool_max")
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+# -- the hot path: constant SQL (each a call of a function of postgres_schema.sql) ---------------
+
+_RESERVE = (
+    "SELECT tb_reserve(%s::bytea, %s::bytea[], %s::int8[], %s::int8[], %s::int8[], "
+    "%s::int8[], %s::float8, %s::float8)"
+)
+_RECORD_ARGS = (
+    "%s::float8, %s::text, %s::text, %s::text, %s::text, %s::text, %s::int8, %s::int8, "
+    "%s::int8, %s::float8, %s::bool, %s::bool, %s::text, %s::bytea[], %s::text[]"
+)
+_SETTLE = (
+    "SELECT tb_settle(%s::bytea, %s::bytea[], %s::int8[], %s::int8[], "
+    f"%s::float8[], %s::int8[], %s::float8, {_RECORD_ARGS})"
+)
+_ADD_LINES = "SELECT tb_add_lines(%s::bytea[], %s::text[])"
+_LOG = f"SELECT tb_log(NULL::bytea, {_RECORD_ARGS})"
+_RELEASE = "SELECT tb_release(%s::bytea, %s::float8)"
+_STATUS = "SELECT tb_states(%s::bytea[], %s::int8[], %s::int8[], %s::float8, NULL::bytea)"
+_PRUNE = "SELECT tb_prune(%s::float8, %s::float8, %s::int4)"
+_CLAIM_ALERT = (
+    "INSERT INTO alerts (key_hash, key, expires_at) VALUES (%s, %s, %s) "
+    "ON CONFLICT (key_hash) DO NOTHING RETURNING 1"
+)
+_SCOPES = (
+    "SELECT key FROM lines AS l "
+    "WHERE EXISTS (SELECT 1 FROM counters AS c WHERE c.key_hash = l.key_hash)"
+)
+_SERVER_TIME = "SELECT extract(epoch FROM clock_timestamp())::float8"
+_PING = "SELECT 1"
+_RECORD_COLS = (
+    "ts, reservation_id, scopes, model, requested_model, action, input_tokens, output_tokens, "
+    "cached_input_tokens, usd, priced, estimated, extra"
+)
+_RECORDS = f"""
+SELECT {_RECORD_COLS} FROM usage
+ WHERE (%(since)s::float8 IS NULL OR ts >= %(since)s::float8)
+   AND (%(until)s::float8 IS NULL OR ts < %(until)s::float8)
+ ORDER BY ts, id LIMIT %(limit)s::int8
+"""
+_USAGE_TEMPLATE = """
+SELECT {key} AS k,
+       count(*) FILTER (WHERE u.action <> 'deny'),
+       count(*) FILTER (WHERE u.action = 'deny'),
+       coalesce(sum(u.input_tokens) FILTER (WHERE u.action <> 'deny'), 0),
+       coalesce(sum(u.output_tokens) FILTER (WHERE u.action <> 'deny'), 0),
+       coalesce(sum(u.cached_input_tokens) FILTER (WHERE u.action <> 'deny'), 0),
+       coalesce(sum(u.usd) FILTER (WHERE u.action <> 'deny'), 0)
+  FROM usage AS u {join}
+ WHERE (%(since)s::float8 IS NULL OR u.ts >= %(since)s::float8)
+   AND (%(until)s::float8 IS NULL OR u.ts < %(until)s::float8)
+   AND (%(scope)s::bytea IS NULL OR EXISTS
+        (SELECT 1 FROM usage_scopes AS f WHERE f.usage_id = u.id AND f.scope_hash = %(scope)s))
+ GROUP BY k
+"""
+_USAGE: dict[str, str] = {
+    "scope": _USAGE_TEMPLATE.format(
+        key="s.scope", join="JOIN usage_scopes AS s ON s.usage_id = u.id"
+    ),
+    "model": _USAGE_TEMPLATE.format(key="u.model", join=""),
+    "day": _USAGE_TEMPLATE.format(
+        key="to_char(to_timestamp(u.ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')", join=""
+    ),
+}
+_HAS_META = "SELECT to_regclass('meta') IS NOT NULL"
+_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
+_SET_VERSION = "UPDATE meta SET value = %s WHERE key = 'schema_version'"
+_SETUP_LOCK = "SELECT pg_advisory_xact_lock(%s)"
+
+# Pools a forked child inherited: never used, never closed (that would end the parent's
+# sessions), and kept referenced so that garbage collection does not touch them either.
+_INHERITED: list[Any] = []
+
+
+class _Watchdog:
+    """Closes the socket of a call that outlives its deadline.
+
+    libpq has no read timeout: a server that stops answering (stopped, or behind a network that
+    drops packets) would block a call forever. ``statement_timeout`` bounds a live server; for
+    the rest, one daemon thread per process checks the calls in flight every ``tick`` seconds
+    and shuts down the socket of a late one, so the call fails at once with a broken
+    connection (which the pool then discards).
+    """
+
+    tick = 0.05
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._due: dict[int, tuple[float, int]] = {}
+        self._late: set[int] = set()
+        self._next = 0
+        self._pid = 0
+
+    def reset(self) -> None:
+        """Forget everything (in a forked child: the parent's calls and thread are not ours)."""
+        self._lock = threading.Lock()
+        self._due, self._late, self._pid = {}, set(), 0
+
+    def arm(self, fd: int, seconds: float) -> int:
+        """Watch socket ``fd`` for ``seconds``; returns a token for :meth:`disarm`."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="tb_plugins-pg-watchdog",
+                                 daemon=True).start()  # fmt: skip
+            self._next += 1
+            self._due[self._next] = (time.monotonic() + seconds, fd)
+            return self._next
+
+    def disarm(self, token: int) -> bool:
+        """Stop watching; True if the call was cut for being late."""
+        with self._lock:
+            self._due.pop(token, None)
+            if token in self._late:
+                self._late.discard(token)
+                return True
+            return False
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.tick)
+            now = time.monotonic()
+            with self._lock:
+                late = [(t, fd) for t, (due, fd) in self._due.items() if due <= now]
+                for token, _ in late:
+                    del self._due[token]
+                    self._late.add(token)
+            for _, fd in late:
+                with contextlib.suppress(OSError):
+                    sock = socket.socket(fileno=os.dup(fd))
+                    sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+
+
+_WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG.reset)
+
+
+def _sha(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def _six(v: Sequence[int]) -> Amounts:
+    return (int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]))
+
+
+def _states(values: Sequence[int], index: Sequence[int]) -> tuple[LineState, ...]:
+    """Line states from 12 integers per distinct line, in the order ``index`` gives."""
+    return tuple(
+        LineState(
+            spent=_six(values[i * 12 : i * 12 + 6]), held=_six(values[i * 12 + 6 : i * 12 + 12])
+        )
+        for i in index
+    )
+
+
+def _unique(lines: Sequence[Line], *, by_key: bool = True) -> tuple[list[Line], list[int]]:
+    """The distinct lines (by key for writes, which hold and lock per key; by key and buckets
+    for reads), first kept, and, per given line, its index among them."""
+    seen: dict[Any, int] = {}
+    unique: list[Line] = []
+    index: list[int] = []
+    for ln in lines:
+        ident = ln.key if by_key else (ln.key, ln.bucket, ln.span, ln.width)
+        if ident not in seen:
+            seen[ident] = len(unique)
+            unique.append(ln)
+        index.append(seen[ident])
+    return unique, index
+
+
+def _columns(lines: Sequence[Line]) -> tuple[list[bytes], list[str], list[int], list[int]]:
+    """Key hashes, keys, buckets and lowest buckets of ``lines``."""
+    return (
+        [_sha(ln.key) for ln in lines],
+        [ln.key for ln in lines],
+        [ln.bucket for ln in lines],
+        [ln.lowest_bucket for ln in lines],
+    )
+
+
+def _record_args(r: UsageRecord) -> tuple[Any, ...]:
+    escaped = [quote(s, safe="") for s in dict.fromkeys(r.scopes)]
+    return (
+        r.ts, r.reservation_id, json.dumps(list(r.scopes)), r.model, r.requested_model,
+        r.action, r.input_tokens, r.output_tokens, r.cached_input_tokens, float(r.usd),
+        bool(r.priced), bool(r.estimated), json.dumps(r.extra, default=str),
+        [_sha(s) for s in escaped], escaped,
+    )  # fmt: skip
+
+
+def _record(row: Sequence[Any]) -> UsageRecord:
+    return UsageRecord(
+        ts=float(row[0]),
+        reservation_id=row[1],
+        scopes=tuple(json.loads(row[2])),
+        model=row[3],
+        requested_model=row[4],
+        action=row[5],
+        input_tokens=int(row[6]),
+        output_tokens=int(row[7]),
+        cached_input_tokens=int(row[8]),
+        usd=float(row[9]),
+        priced=bool(row[10]),
+        estimated=bool(row[11]),
+        extra=json.loads(row[12]),
+    )
+
+
+def _usage_rows(rows: Sequence[Sequence[Any]], group_by: GroupBy) -> list[UsageRow]:
+    out = [
+        UsageRow(
+            key=unquote(str(r[0])) if group_by == "scope" else str(r[0]),
+            requests=int(r[1]),
+            denied=int(r[2]),
+            input_tokens=int(r[3]),
+            output_tokens=int(r[4]),
+            cached_input_tokens=int(r[5]),
+            usd=float(r[6]),
+        )
+        for r in rows
+    ]
+    return sorted(out, key=lambda row: row.key)
+
+
+def _hide_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+class PostgresLedger(Ledger):
+    """A ledger in PostgreSQL, shared by every process and host that opens the same database
+    and schema.
+
+    Args:
+        conninfo: a libpq connection string or URL, without this ledger's own options.
+        schema: the schema holding the ledger's tables (lowercase letters, digits, ``_``).
+        timeout: seconds to wait for a connection, to connect, and for each statement.
+        pool_min: connections each process keeps open.
+        pool_max: connections each process may open.
+        display_url: the URL shown in messages (the password is never shown).
+
+    Example:
+        >>> url = "postgresql://postgres@127.0.0.1/test?schema=demo"
+        >>> ledger = PostgresLedger.from_url(url)  # doctest: +SKIP
+        >>> ledger.server_time() > 0  # doctest: +SKIP
+        True
+    """
+
+    schemes = ("postgresql", "postgres")
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        schema: str = "tb_plugins",
+        timeout: float = 2.0,
+        pool_min: int = 1,
+        pool_max: int = 4,
+        display_url: str | None = None,
+    ) -> None:
+        self._pg: Any = require("psycopg", "postgres")
+        self._pg_pool: Any = require("psycopg_pool", "postgres")
+        if not _SCHEMA_NAME.fullmatch(schema):
+            raise ConfigError(
+                f"ledger schema {schema!r} must be a lowercase name: a-z, 0-9 and _ "
+                f"(not starting with a digit), at most 63 characters"
+            )
+        if timeout <= 0:
+            raise ConfigError(f"ledger timeout must be positive, got {timeout!r}")
+        if not 0 <= pool_min <= pool_max or pool_max < 1:
+            raise ConfigError(f"need 0 <= pool_min <= pool_max and pool_max >= 1, got "
+                              f"{pool_min}, {pool_max}")  # fmt: skip
+        self.url = display_url or _hide_password(conninfo)
+        self.schema = schema
+        self.timeout = float(timeout)
+        self.pool_min, self.pool_max = pool_min, pool_max
+        params = self._pg.conninfo.conninfo_to_dict(conninfo)
+        self.where = f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+        ms = max(int(self.timeout * 1000), 1)
+        # Generic plans: the functions' statements are planned once per session, not per call.
+        options = (
+            f"-c search_path={schema} -c statement_timeout={ms} "
+            f"-c plan_cache_mode=force_generic_plan"
+        )
+        if params.get("options"):
+            options = f"{params['options']} {options}"
+        params.update(
+            options=options,
+            connect_timeout=str(max(2, math.ceil(self.timeout))),
+            application_name=params.get("application_name") or "tb_plugins",
+        )
+        self._conninfo = self._pg.conninfo.make_conninfo(**params)
+        self._lock = threading.Lock()
+        self._setup_lock = threading.Lock()
+        self._pool: Any = None
+        self._pid = 0
+        self._apool: Any = None
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._ready = False
+        self._next_prune = 0.0
+        self._down_until = 0.0
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> PostgresLedger:
+        """Open ``postgresql://user:password@host:port/dbname?schema=…&timeout=…``.
+
+        Keyword options override the URL's: ``schema``, ``timeout`` (seconds or a duration such
+        as ``"500ms"``), ``pool_min``, ``pool_max``.
+
+        Raises:
+            ConfigError: the URL is not a PostgreSQL URL, or an option is unknown or malformed.
+        """
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in cls.schemes:
+            raise ConfigError(
+                f"not a PostgreSQL ledger URL: {url!r} (use postgresql://user@host/dbname)"
+            )
+        shown = _hide_password(url)
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {unknown} for ledger {shown}; known: {', '.join(_OPTIONS)} "
+                f"(and libpq's URL parameters)"
+            )
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        ours: dict[str, Any] = {k: v for k, v in query if k in _OPTIONS}
+        ours.update({k: v for k, v in options.items() if v is not None})
+        rest = [(k, v) for k, v in query if k not in _OPTIONS]
+        conninfo = urlunsplit(
+            parts._replace(scheme="postgresql", query=urlencode(rest, quote_via=quote))
+        )
+        try:
+            timeout = parse_duration(ours.get("timeout", 2.0))
+            pool_min = int(ours.get("pool_min", 1))
+            pool_max = int(ours.get("pool_max", max(4, pool_min)))
+        except ValueError as exc:
+            raise ConfigError(f"ledger {shown}: {exc}") from None
+        try:
+            return cls(
+                conninfo,
+                schema=str(ours.get("schema", "tb_plugins")),
+                timeout=timeout,
+                pool_min=pool_min,
+                pool_max=pool_max,
+                display_url=shown,
+            )
+        except Exception as exc:
+            if isinstance(exc, ConfigError | ImportError):
+                raise
+            raise ConfigError(f"ledger {shown}: {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r}, schema={self.schema!r})"
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _pool_options(self) -> dict[str, Any]:
+        return {
+            "kwargs": {"autocommit": True},
+            "min_size": self.pool_min,
+            "max_size": self.pool_max,
+            "open": False,
+            "timeout": self.timeout,
+            # Give up a failing reconnection loop soon: the next call then tries again at once
+            # instead of after a long backoff once the server is back.
+            "reconnect_timeout": max(2.0 * self.timeout, 5.0),
+            "name": f"tb_plugins:{self.schema}",
+        }
+
+    def _sync_pool(self) -> Any:
+        pid = os.getpid()
+        if self._pool is None or self._pid != pid:
+            with self._lock:
+                if self._pool is None or self._pid != pid:
+                    if self._pool is not None:
+                        _INHERITED.append(self._pool)
+                    pool = self._pg_pool.ConnectionPool(self._conninfo, **self._pool_options())
+                    pool.open(wait=False)
+                    self._pool, self._pid = pool, pid
+        return self._pool
+
+    async def _async_pool(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._apool is None or self._aloop is not loop:
+            self._drop_async_pool()
+            pool = self._pg_pool.AsyncConnectionPool(self._conninfo, **self._pool_options())
+            await pool.open(wait=False)
+            self._apool, self._aloop = pool, loop
+        return self._apool
+
+    def _drop_async_pool(self) -> None:
+        """Forget the async pool, closing its connections: through its own event loop when
+        that loop is idle, else (the loop ended, or another one runs here) session by session."""
+        pool, loop = self._apool, self._aloop
+        self._apool = self._aloop = None
+        if pool is None or loop is None:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            if not loop.is_closed() and not loop.is_running():
+                loop.run_until_complete(pool.close(timeout=self.timeout))
+                return
+        for conn in list(getattr(pool, "_pool", ())):
+            conn.pgconn.finish()
+
+    def _check_breaker(self) -> None:
+        if self._down_until and time.monotonic() < self._down_until:
+            raise LedgerUnavailable(
+                f"PostgreSQL ledger at {self.where} is unreachable (no connection within "
+                f"{self.timeout:g}s; retrying shortly)"
+            )
+
+    def _wrap(self, exc: BaseException) -> LedgerError:
+        pg = self._pg
+        if isinstance(exc, self._pg_pool.PoolTimeout):
+            self._down_until = time.monotonic() + BREAKER_SECONDS
+            return LedgerUnavailable(
+                f"PostgreSQL ledger at {self.where} is unreachable: no connection within "
+                f"{self.timeout:g}s"
+            )
+        if isinstance(exc, pg.errors.QueryCanceled):
+            return LedgerUnavailable(
+                f"PostgreSQL ledger at {self.where} did not answer within {self.timeout:g}s ({exc})"
+            )
+        if isinstance(exc, pg.OperationalError | OSError):
+            return LedgerUnavailable(f"PostgreSQL ledger at {self.where} is unreachable: {exc}")
+        return LedgerError(f"PostgreSQL ledger at {self.where}: {type(exc).__name__}: {exc}")
+
+    def _retryable(self, exc: BaseException, conn: Any) -> bool:
+        """A broken pooled connection (the server restarted, the session was terminated) or a
+        transient conflict: worth another try, at once."""
+        pg = self._pg
+        if isinstance(exc, pg.errors.DeadlockDetected | pg.errors.SerializationFailure):
+            return True
+        return conn is not None and bool(conn.broken or conn.closed)
+
+    def _late(self, exc: BaseException) -> LedgerUnavailable:
+        return LedgerUnavailable(
+            f"PostgreSQL ledger at {self.where} did not answer within "
+            f"{self.timeout * WATCHDOG_FACTOR:g}s; the connection was closed ({exc})"
+        )
+
+    def _run(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(connection)`` (autocommit: each statement its own transaction).
+
+        A broken pooled connection is dropped and the call retried on another one (at most
+        ``pool_max`` times, each failing at once); a call that outlives its deadline is not.
+        """
+        self._check_breaker()
+        for attempt in range(self.pool_max + 1):
+            pool = self._sync_pool()
+            conn: Any = None
+            late = False
+            try:
+                with pool.connection() as conn:
+                    token = _WATCHDOG.arm(conn.pgconn.socket, self._deadline())
+                    try:
+                        if not self._ready:
+                            self._setup(conn)
+                        result = fn(conn)
+                    finally:
+                        late = _WATCHDOG.disarm(token)
+                self._down_until = 0.0
+                return result
+            except self._pg.Error as exc:
+                if late:
+                    raise self._late(exc) from exc
+                if attempt < self.pool_max and self._retryable(exc, conn):
+                    continue
+                raise self._wrap(exc) from exc
+            except OSError as exc:
+                raise self._wrap(exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _arun(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Async :meth:`_run`."""
+        self._check_breaker()
+        for attempt in range(self.pool_max + 1):
+            pool = await self._async_pool()
+            conn: Any = None
+            late = False
+            try:
+                async with pool.connection() as conn:
+                    token = _WATCHDOG.arm(conn.pgconn.socket, self._deadline())
+                    try:
+                        if not self._ready:
+                            await self._asetup(conn)
+                        result = await fn(conn)
+                    finally:
+                        late = _WATCHDOG.disarm(token)
+                self._down_until = 0.0
+                return result
+            except self._pg.Error as exc:
+                if late:
+                    raise self._late(exc) from exc
+                if attempt < self.pool_max and self._retryable(exc, conn):
+                    continue
+                raise self._wrap(exc) from exc
+            except OSError as exc:
+                raise self._wrap(exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _deadline(self) -> float:
+        """Seconds a call may take before its connection is closed under it: past the
+        server's statement_timeout (a live server answers by then), longer for the schema
+        setup of the first call."""
+        return self.timeout * (WATCHDOG_FACTOR if self._ready else 10.0)
+
+    def _lock_id(self) -> int:
+        return int.from_bytes(_sha(f"tb_plugins:{self.schema}")[:8], "big", signed=True)
+
+    def _setup(self, conn: Any) -> None:
+        """Create the schema on first use: once per database and schema (the DDL runs under an
+        advisory lock, and only if the version recorded under that lock is older)."""
+        with self._setup_lock:
+            if self._ready:
+                return
+            if conn.execute(_HAS_META).fetchone()[0]:
+                row = conn.execute(_VERSION).fetchone()
+                if row is not None and self._check_version(int(row[0])):
+                    self._ready = True
+                    return
+            sql = self._pg.sql
+            with conn.transaction():
+                conn.execute(_SETUP_LOCK, (self._lock_id(),))
+                current = False
+                if conn.execute(_HAS_META).fetchone()[0]:
+                    row = conn.execute(_VERSION).fetchone()
+                    current = row is not None and self._check_version(int(row[0]))
+                if not current:
+                    create = sql.SQL("CREATE SCHEMA IF NOT EXISTS {}")
+                    conn.execute(create.format(sql.Identifier(self.schema)))
+                    conn.execute(SCHEMA_SQL)
+                    conn.execute(_SET_VERSION, (str(SCHEMA_VERSION),))
+            self._ready = True
+
+    async def _asetup(self, conn: Any) -> None:
+        """Async :meth:`_setup`."""
+        if (await (await conn.execute(_HAS_META)).fetchone())[0]:
+            row = await (await conn.execute(_VERSION)).fetchone()
+            if row is not None and self._check_version(int(row[0])):
+                self._ready = True
+                return
+        sql = self._pg.sql
+        async with conn.transaction():
+            await conn.execute(_SETUP_LOCK, (self._lock_id(),))
+            current = False
+            if (await (await conn.execute(_HAS_META)).fetchone())[0]:
+                row = await (await conn.execute(_VERSION)).fetchone()
+                current = row is not None and self._check_version(int(row[0]))
+            if not current:
+                create = sql.SQL("CREATE SCHEMA IF NOT EXISTS {}")
+                await conn.execute(create.format(sql.Identifier(self.schema)))
+                await conn.execute(SCHEMA_SQL)
+                await conn.execute(_SET_VERSION, (str(SCHEMA_VERSION),))
+        self._ready = True
+
+    def _check_version(self, version: int) -> bool:
+        """True when the schema is current; raises when it is newer than this code."""
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"PostgreSQL ledger at {self.where} (schema {self.schema}) has schema version "
+                f"{version}, newer than this tb_plugins understands ({SCHEMA_VERSION}); "
+                f"upgrade tb-plugins"
+            )
+        return version == SCHEMA_VERSION
+
+    def _one(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        """Run one statement and return the first column of its first row."""
+
+        def run(conn: Any) -> Any:
+            row = conn.execute(sql, params).fetchone()
+            return None if row is None else row[0]
+
+        return self._run(run)
+
+    async def _aone(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        async def run(conn: Any) -> Any:
+            row = await (await conn.execute(sql, params)).fetchone()
+            return None if row is None else row[0]
+
+        return await self._arun(run)
+
+    def _all(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        return self._run(lambda conn: conn.execute(sql, params).fetchall())
+
+    async def _aall(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        async def run(conn: Any) -> list[Any]:
+            rows: list[Any] = await (await conn.execute(sql, params)).fetchall()
+            return rows
+
+        return await self._arun(run)
+
+    # -- statement arguments -------------------------------------------------------------------
+
+    @staticmethod
+    def _reserve_args(
+        reservation_id: str, lines: Sequence[Line], amounts: Amounts, now: float, expires: float
+    ) -> tuple[Any, ...]:
+        hashes, _, buckets, lows = _columns(lines)
+        limits = [lim for ln in lines for lim in ln.limits]
+        return (_sha(reservation_id), hashes, buckets, lows, limits, list(amounts), now,
+                expires)  # fmt: skip
+
+    @staticmethod
+    def _settle_args(
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        record: UsageRecord,
+        now: float,
+    ) -> tuple[Any, ...]:
+        hashes, _, buckets, lows = _columns(lines)
+        expires = [ln.expires_at for ln in lines]
+        return (_sha(reservation_id), hashes, buckets, lows, expires, list(amounts), now,
+                *_record_args(record))  # fmt: skip
+
+    @staticmethod
+    def _status_args(lines: Sequence[Line], now: float) -> tuple[Any, ...]:
+        hashes, _, buckets, lows = _columns(lines)
+        return (hashes, lows, buckets, now)
+
+    def _write(self, sql: str, args: Sequence[Any], lines: Sequence[Line]) -> list[int]:
+        """Run tb_reserve or tb_settle; when it answers that a line is missing ([-1]), add the
+        lines in a transaction of their own and call again."""
+        hashes, keys, _, _ = _columns(lines)
+
+        def run(conn: Any) -> list[int]:
+            for _ in range(_ADD_ATTEMPTS):
+                values: list[int] = conn.execute(sql, args).fetchone()[0]
+                if values[0] != -1:
+                    return values
+                conn.execute(_ADD_LINES, (hashes, keys))
+            raise LedgerError(f"PostgreSQL ledger at {self.where}: lines keep vanishing")
+
+        return self._run(run)
+
+    async def _awrite(self, sql: str, args: Sequence[Any], lines: Sequence[Line]) -> list[int]:
+        """Async :meth:`_write`."""
+        hashes, keys, _, _ = _columns(lines)
+
+        async def run(conn: Any) -> list[int]:
+            for _ in range(_ADD_ATTEMPTS):
+                values: list[int] = (await (await conn.execute(sql, args)).fetchone())[0]
+                if values[0] != -1:
+                    return values
+                await conn.execute(_ADD_LINES, (hashes, keys))
+            raise LedgerError(f"PostgreSQL ledger at {self.where}: lines keep vanishing")
+
+        return await self._arun(run)
+
+    def _prune_due(self, now: float) -> bool:
+        if now < self._next_prune:
+            return False
+        self._next_prune = now + PRUNE_EVERY
+        return True
+
+    # -- the atomic operations -----------------------------------------------------------------
+
+    def reserve(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        *,
+        now: float,
+        expires_at: float,
+    ) -> ReserveResult:
+        """Hold ``amounts`` on every line if every limit allows it, else change nothing.
+
+        One transaction that locks the lines in key-hash order; a reservation id that already
+        holds is replaced (its old hold does not count against the new check).
+        """
+        unique, index = _unique(lines)
+        args = self._reserve_args(reservation_id, unique, amounts, now, expires_at)
+        values = self._write(_RESERVE, args, unique)
+        return ReserveResult(ok=bool(values[0]), states=_states(values[1:], index))
+
+    async def areserve(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        *,
+        now: float,
+        expires_at: float,
+    ) -> ReserveResult:
+        """Async :meth:`reserve`."""
+        unique, index = _unique(lines)
+        args = self._reserve_args(reservation_id, unique, amounts, now, expires_at)
+        values = await self._awrite(_RESERVE, args, unique)
+        return ReserveResult(ok=bool(values[0]), states=_states(values[1:], index))
+
+    def settle(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        record: UsageRecord,
+        *,
+        now: float,
+    ) -> SettleResult:
+        """Replace the hold by ``amounts`` on each line and log ``record``; idempotent by id."""
+        unique, index = _unique(lines)
+        args = self._settle_args(reservation_id, unique, amounts, record, now)
+        values = self._write(_SETTLE, args, unique)
+        if self._prune_due(now):
+            self.prune(now)
+        return SettleResult(applied=bool(values[0]), states=_states(values[1:], index))
+
+    async def asettle(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        record: UsageRecord,
+        *,
+        now: float,
+    ) -> SettleResult:
+        """Async :meth:`settle`."""
+        unique, index = _unique(lines)
+        args = self._settle_args(reservation_id, unique, amounts, record, now)
+        values = await self._awrite(_SETTLE, args, unique)
+        if self._prune_due(now):
+            await self.aprune(now)
+        return SettleResult(applied=bool(values[0]), states=_states(values[1:], index))
+
+    def release(self, reservation_id: str, *, now: float) -> bool:
+        """Drop the hold; True if a live (unexpired) hold was removed."""
+        return bool(self._one(_RELEASE, (_sha(reservation_id), now)))
+
+    async def arelease(self, reservation_id: str, *, now: float) -> bool:
+        """Async :meth:`release`."""
+        return bool(await self._aone(_RELEASE, (_sha(reservation_id), now)))
+
+    def status(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
+        """Spent and held per line, read in one snapshot (expired holds do not count)."""
+        unique, index = _unique(lines, by_key=False)
+        return _states(self._one(_STATUS, self._status_args(unique, now)), index)
+
+    async def astatus(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
+        """Async :meth:`status`."""
+        unique, index = _unique(lines, by_key=False)
+        return _states(await self._aone(_STATUS, self._status_args(unique, now)), index)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def prune(self, now: float) -> int:
+        """Delete holds expired at ``now``, and counters, idle lines and alert claims that
+        stopped counting more than a day before; never waits for rows in use. Returns how many
+        rows went.
+
+        Runs by itself every ten minutes of ledger time, after a settle; failures are ignored
+        (the next prune catches up).
+        """
+        try:
+            return int(self._one(_PRUNE, (now, now - PRUNE_GRACE, PRUNE_BATCH)))
+        except LedgerError:
+            return 0
+
+    async def aprune(self, now: float) -> int:
+        """Async :meth:`prune`."""
+        try:
+            return int(await self._aone(_PRUNE, (now, now - PRUNE_GRACE, PRUNE_BATCH)))
+        except LedgerError:
+            return 0
+
+    def scopes(self) -> list[tuple[str, str]]:
+        """Every (scope, window) pair with a counter, sorted."""
+        return sorted(_split_line_key(row[0]) for row in self._all(_SCOPES))
+
+    def claim_alert(self, alert_key: str, *, expires_at: float | None) -> bool:
+        """True for the first claim of ``alert_key``; the claim is pruned once long expired."""
+        return self._one(_CLAIM_ALERT, (_sha(alert_key), alert_key, expires_at)) is not None
+
+    async def aclaim_alert(self, alert_key: str, *, expires_at: float | None) -> bool:
+        """Async :meth:`claim_alert`."""
+        won = await self._aone(_CLAIM_ALERT, (_sha(alert_key), alert_key, expires_at))
+        return won is not None
+
+    def append_usage(self, record: UsageRecord) -> None:
+        """Log a record with no spend (a refused call); it is never taken as a settle."""
+        self._one(_LOG, _record_args(record))
+
+    async def aappend_usage(self, record: UsageRecord) -> None:
+        """Async :meth:`append_usage`."""
+        await self._aone(_LOG, _record_args(record))
+
+    def usage(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        group_by: GroupBy = "scope",
+        scope: str | None = None,
+    ) -> list[UsageRow]:
+        """Totals of records with ``since <= ts < until``, grouped by scope, model or UTC day.
+
+        ``requests`` counts settled records and ``denied`` refused ones; tokens and usd sum
+        the settled records only.
+        """
+        sql = _USAGE.get(group_by)
+        if sql is None:
+            raise ValueError(f"group_by must be 'scope', 'model' or 'day', not {group_by!r}")
+        return _usage_rows(self._all(sql, self._usage_params(since, until, scope)), group_by)
+
+    async def ausage(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        group_by: GroupBy = "scope",
+        scope: str | None = None,
+    ) -> list[UsageRow]:
+        """Async :meth:`usage`."""
+        sql = _USAGE.get(group_by)
+        if sql is None:
+            raise ValueError(f"group_by must be 'scope', 'model' or 'day', not {group_by!r}")
+        rows = await self._aall(sql, self._usage_params(since, until, scope))
+        return _usage_rows(rows, group_by)
+
+    @staticmethod
+    def _usage_params(
+        since: float | None, until: float | None, scope: str | None
+    ) -> dict[str, Any]:
+        scope_hash = None if scope is None else _sha(quote(scope, safe=""))
+        return {"since": since, "until": until, "scope": scope_hash}
+
+    def records(
+        self, *, since: float | None = None, until: float | None = None, limit: int | None = None
+    ) -> list[UsageRecord]:
+        """The first ``limit`` records with ``since <= ts < until``, oldest first."""
+        params = {"since": since, "until": until, "limit": limit}
+        return [_record(r) for r in self._all(_RECORDS, params)]
+
+    async def arecords(
+        self, *, since: float | None = None, until: float | None = None, limit: int | None = None
+    ) -> list[UsageRecord]:
+        """Async :meth:`records`."""
+        params = {"since": since, "until": until, "limit": limit}
+        return [_record(r) for r in await self._aall(_RECORDS, params)]
+
+    def server_time(self) -> float:
+        """The database's clock (``clock_timestamp()``), in epoch seconds."""
+        return float(self._one(_SERVER_TIME))
+
+    async def aserver_time(self) -> float:
+        """Async :meth:`server_time`."""
+        return float(await self._aone(_SERVER_TIME))
+
+    def ping(self) -> None:
+        """One bare round trip (``SELECT 1``), e.g. to measure the network floor."""
+        self._one(_PING)
+
+    def close(self) -> None:
+        """Close this process's connections (and those of an async pool whose loop ended)."""
+        pool, self._pool = self._pool, None
+        if pool is not None and self._pid == os.getpid():
+            pool.close(timeout=self.timeout)
+        self._drop_async_pool()
+
+    async def aclose(self) -> None:
+        """Close the connections of the running event loop, and the sync ones."""
+        if self._apool is not None and self._aloop is asyncio.get_running_loop():
+            pool, self._apool, self._aloop = self._apool, None, None
+            await pool.close(timeout=self.timeout)
+        self.close()
+
+
+def _split_line_key(key: str) -> tuple[str, str]:
+    scope, _, window = key.partition("|")
+    return unquote(scope), window

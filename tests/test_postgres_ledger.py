@@ -1,0 +1,314 @@
+"""What is particular to the PostgreSQL ledger: URL options, the versioned schema created on
+first use, lock order under concurrency, timeouts, reconnection, fork, pruning and asyncio.
+
+The ledger contract itself is proved by the conformance suite; the cross-process and failure
+behaviours by ``test_shared_ledgers.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tb_plugins.core.usage import REQUESTS, TOKENS, ZERO, amounts
+from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
+from tb_plugins.ledger import ledger_from_url
+from tb_plugins.ledger.postgres import SCHEMA_VERSION, PostgresLedger
+from test_shared_ledgers import (
+    PG_DSN,
+    T0,
+    TTL,
+    drop_pg_schema,
+    fresh_pg_schema,
+    make_line,
+    pg_url,
+    usage_record,
+)
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh schema name on the shared PostgreSQL, dropped afterwards."""
+    yield from fresh_pg_schema()
+
+
+@pytest.fixture
+def ledger(pg_schema: str) -> Iterator[PostgresLedger]:
+    led = ledger_from_url(pg_url(pg_schema, timeout=1))
+    assert isinstance(led, PostgresLedger)
+    yield led
+    led.close()
+
+
+def sql(query: str, *params: Any, schema: str | None = None) -> list[Any]:
+    """Run one statement on a connection of its own (a second session)."""
+    import psycopg
+
+    options = f"-c search_path={schema}" if schema else ""
+    with psycopg.connect(PG_DSN, autocommit=True, options=options) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+# -- URL and options -----------------------------------------------------------------------------
+
+
+def test_url_options_and_keywords_configure_the_ledger() -> None:
+    """schema, timeout and pool sizes come from the URL query, keywords win, libpq parameters
+    pass through, and the password never shows."""
+    led = ledger_from_url(
+        "postgres://tb:pw@db.example:6543/app?schema=budgets&timeout=3&sslmode=disable"
+        "&application_name=proxy 1",
+        pool_max=8,
+    )
+    assert isinstance(led, PostgresLedger)
+    assert (led.schema, led.timeout, led.pool_min, led.pool_max) == ("budgets", 3.0, 1, 8)
+    assert led.where == "db.example:6543"
+    assert "pw" not in led.url and "pw" not in repr(led)
+    assert "sslmode=disable" in led._conninfo and "application_name='proxy 1'" in led._conninfo
+    assert "statement_timeout=3000" in led._conninfo and "connect_timeout=3" in led._conninfo
+    led.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "message"),
+    [
+        ("postgresql://h/db", {"pool": 3}, "unknown option"),
+        ("postgresql://h/db?schema=Budgets", {}, "lowercase"),
+        ("postgresql://h/db?schema=a;drop", {}, "lowercase"),
+        ("postgresql://h/db?timeout=soon", {}, "not a duration"),
+        ("postgresql://h/db?pool_min=5&pool_max=2", {}, "pool_min"),
+    ],
+)
+def test_bad_options_are_refused_with_a_config_error(
+    url: str, options: dict[str, Any], message: str
+) -> None:
+    """An unknown option, a schema name that is not a plain lowercase identifier, a bad duration
+    or impossible pool sizes is a ConfigError that says which."""
+    with pytest.raises(ConfigError, match=message):
+        ledger_from_url(url, **options)
+
+
+# -- schema --------------------------------------------------------------------------------------
+
+
+def test_the_schema_is_created_on_first_use_and_versioned(
+    ledger: PostgresLedger, pg_schema: str
+) -> None:
+    """Opening the ledger creates nothing; the first call creates the schema, its tables and
+    functions, and records the schema version."""
+    assert sql("SELECT 1 FROM pg_namespace WHERE nspname = %s", pg_schema) == []
+    ledger.status([make_line("user:a")], now=T0)
+    assert sql("SELECT value FROM meta", schema=pg_schema) == [(str(SCHEMA_VERSION),)]
+    tables = {r[0] for r in sql(
+        "SELECT tablename FROM pg_tables WHERE schemaname = %s", pg_schema)}  # fmt: skip
+    assert tables == {"meta", "lines", "counters", "holds", "usage", "usage_scopes", "alerts"}
+
+
+def test_many_processes_opening_a_new_schema_at_once_create_it_once(
+    pg_schema: str,
+) -> None:
+    """Eight ledgers making their first call on a new schema at the same moment all succeed
+    (the setup runs under an advisory lock)."""
+    ledgers = [ledger_from_url(pg_url(pg_schema)) for _ in range(8)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def first_call(led: Any) -> None:
+        start.wait()
+        try:
+            led.status([make_line("user:a")], now=T0)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_call, args=(led,)) for led in ledgers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for led in ledgers:
+        led.close()
+    assert errors == []
+
+
+def test_a_schema_newer_than_the_code_is_refused(ledger: PostgresLedger, pg_schema: str) -> None:
+    """A ledger whose schema version is newer than this tb_plugins refuses to run on it."""
+    ledger.status([make_line("user:a")], now=T0)
+    sql("UPDATE meta SET value = '99'", schema=pg_schema)
+    newer = ledger_from_url(pg_url(pg_schema))
+    with pytest.raises(LedgerError, match="schema version 99, newer"):
+        newer.status([make_line("user:a")], now=T0)
+    newer.close()
+
+
+def test_two_schemas_in_one_database_are_two_separate_ledgers(
+    ledger: PostgresLedger, pg_schema: str
+) -> None:
+    """Ledgers in different schemas share nothing, even for the same scope."""
+    other = ledger_from_url(pg_url(pg_schema + "_b"))
+    ln = make_line("user:a", tokens=100)
+    try:
+        assert ledger.reserve("r", [ln], amounts(100, 0, 0), now=T0, expires_at=T0 + TTL).ok
+        assert other.reserve("r", [ln], amounts(100, 0, 0), now=T0, expires_at=T0 + TTL).ok
+    finally:
+        other.close()
+        drop_pg_schema(pg_schema + "_b")
+
+
+# -- locking -------------------------------------------------------------------------------------
+
+
+def test_reservations_in_opposite_line_orders_never_deadlock(ledger: PostgresLedger) -> None:
+    """Threads reserving the same lines listed in opposite orders all finish, admit exactly
+    the limit and never hit a deadlock (lines are locked in one global order)."""
+    a = make_line("team:a", requests=120)
+    b = make_line("team:b")
+    c = make_line("team:c", "rolling:1m")
+    orders = [[a, b, c], [c, b, a], [b, a, c], [c, a, b]]
+    admitted: list[int] = []
+    errors: list[BaseException] = []
+
+    def run(worker: int) -> None:
+        lines = orders[worker % len(orders)]
+        n = 0
+        try:
+            for i in range(40):
+                rid = f"w{worker}-{i}"
+                amt = amounts(1, 0, 0)
+                if ledger.reserve(rid, lines, amt, now=T0, expires_at=T0 + TTL).ok:
+                    n += 1
+                    ledger.settle(rid, lines[::-1], amt, usage_record(rid, lines, amt), now=T0)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        admitted.append(n)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(admitted) == 120
+    states = ledger.status([a, b, c], now=T0)
+    assert [s.spent[REQUESTS] for s in states] == [120, 120, 120]
+    assert all(s.held == ZERO for s in states)
+
+
+def test_a_lock_held_past_the_timeout_is_ledger_unavailable_not_a_hang(
+    ledger: PostgresLedger, pg_schema: str
+) -> None:
+    """A reservation waiting on a line another session keeps locked gives up after the
+    statement timeout with LedgerUnavailable."""
+    import psycopg
+
+    ln = make_line("user:a", tokens=100)
+    ledger.status([ln], now=T0)
+    ledger.reserve("first", [ln], amounts(1, 0, 0), now=T0, expires_at=T0 + TTL)
+    with psycopg.connect(PG_DSN, options=f"-c search_path={pg_schema}") as blocker:
+        blocker.execute("SELECT 1 FROM lines FOR UPDATE")
+        start = time.monotonic()
+        with pytest.raises(LedgerUnavailable, match="did not answer within 1s"):
+            ledger.reserve("second", [ln], amounts(1, 0, 0), now=T0, expires_at=T0 + TTL)
+        assert time.monotonic() - start < 2 * ledger.timeout
+        blocker.rollback()
+    assert ledger.reserve("third", [ln], amounts(1, 0, 0), now=T0, expires_at=T0 + TTL).ok
+
+
+# -- connections ---------------------------------------------------------------------------------
+
+
+def test_a_terminated_session_is_replaced_without_failing_the_call(
+    pg_schema: str,
+) -> None:
+    """pg_terminate_backend of every ledger session (a restart, a failover) costs no call: the
+    broken connection is dropped and the call retried on a new one."""
+    name = f"tb-victim-{pg_schema}"
+    led = ledger_from_url(pg_url(pg_schema, application_name=name, pool_min=2))
+    ln = make_line("user:a")
+    amt = amounts(3, 0, 0)
+    led.settle("a", [ln], amt, usage_record("a", [ln], amt), now=T0)
+    killed = sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                 "WHERE application_name = %s", name)  # fmt: skip
+    assert killed and all(ok for (ok,) in killed)
+    led.settle("b", [ln], amt, usage_record("b", [ln], amt), now=T0)
+    assert led.status([ln], now=T0)[0].spent[TOKENS] == 6
+    led.close()
+
+
+def test_a_forked_child_opens_its_own_pool(ledger: PostgresLedger) -> None:
+    """After os.fork() the child's calls use a pool of its own and land in the same ledger,
+    and the parent's connections keep working."""
+    ln = make_line("user:a")
+    amt = amounts(5, 0, 0)
+    ledger.settle("parent", [ln], amt, usage_record("parent", [ln], amt), now=T0)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            res = ledger.settle("child", [ln], amt, usage_record("child", [ln], amt), now=T0)
+            code = 0 if res.applied else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert ledger.status([ln], now=T0)[0].spent[TOKENS] == 10
+
+
+def test_the_async_pool_follows_the_running_event_loop(ledger: PostgresLedger) -> None:
+    """Async twins work from one event loop and then from another (a pool per loop), and the
+    old loop's connections are closed."""
+    ln = make_line("user:a", tokens=100)
+
+    async def reserve(rid: str) -> bool:
+        ok = (await ledger.areserve(rid, [ln], amounts(40, 0, 0), now=T0,
+                                    expires_at=T0 + TTL)).ok  # fmt: skip
+        assert await ledger.aserver_time() > 0
+        return ok
+
+    assert asyncio.run(reserve("a")) is True
+    assert asyncio.run(reserve("b")) is True
+    assert asyncio.run(reserve("c")) is False
+    assert ledger.status([ln], now=T0)[0].held[TOKENS] == 80
+
+    async def close() -> None:
+        await ledger.aclose()
+
+    asyncio.run(close())
+
+
+def test_server_time_is_the_database_clock(ledger: PostgresLedger) -> None:
+    """server_time() reads the database's clock."""
+    (db_now,) = sql("SELECT extract(epoch FROM clock_timestamp())::float8")[0]
+    assert abs(ledger.server_time() - db_now) < 1.0
+
+
+# -- housekeeping --------------------------------------------------------------------------------
+
+
+def test_prune_deletes_what_stopped_counting_a_day_ago_and_keeps_the_rest(
+    ledger: PostgresLedger, pg_schema: str
+) -> None:
+    """prune() deletes expired holds, counters of windows that ended over a day ago, the lines
+    left with neither and old alert claims; current ones stay."""
+    old, cur, forever = make_line("user:old", "minute"), make_line("user:cur"), make_line(
+        "user:x", "total")  # fmt: skip
+    amt = amounts(1, 0, 0)
+    for rid, ln in (("o", old), ("c", cur), ("f", forever)):
+        ledger.settle(rid, [ln], amt, usage_record(rid, [ln], amt), now=T0)
+    ledger.reserve("dead", [cur], amt, now=T0, expires_at=T0 + 60)
+    ledger.claim_alert("old-alert", expires_at=T0)
+    assert old.expires_at is not None
+    removed = ledger.prune(old.expires_at + 86_400 + 61)
+    assert removed == 4  # the hold, the old counter, its line, the alert
+    assert sorted(ledger.scopes()) == [("user:cur", "day"), ("user:x", "total")]
+    assert sql("SELECT count(*) FROM holds", schema=pg_schema) == [(0,)]
+    assert ledger.claim_alert("old-alert", expires_at=None) is True
+    assert ledger.status([cur, forever], now=T0)[0].spent[TOKENS] == 1
