@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -123,7 +124,60 @@ _INHERITED: list[sqlite3.Connection] = []  # parent connections a forked child m
 _LEDGERS: weakref.WeakSet[SQLiteLedger] = weakref.WeakSet()
 
 
+# One writer lock per file and process: threads of a process queue here, in memory, instead of
+# starving each other on the file lock with sleep-backoff; only one connection per process
+# competes with other processes for the file.
+class _FairLock:
+    """A first-come, first-served lock with direct hand-off: release wakes only the oldest
+    waiter, so a wait is bounded by the queue ahead of it (``threading.Lock`` lets a releasing
+    thread take it straight back, and a busy thread can starve the others)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._held = False
+        self._waiters: collections.deque[threading.Lock] = collections.deque()
+
+    def acquire(self, timeout: float) -> bool:
+        with self._guard:
+            if not self._held:
+                self._held = True
+                return True
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
+        if waiter.acquire(timeout=max(timeout, 0.0)):
+            return True  # handed over by release(); the lock stayed held
+        with self._guard:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+                return False
+        waiter.acquire()  # release() handed it over just as the wait timed out
+        return True
+
+    def release(self) -> None:
+        with self._guard:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._held = False
+
+
+_WRITERS: dict[str, _FairLock] = {}
+_WRITERS_GUARD = threading.Lock()
+
+
+def _writer_lock(path: str) -> _FairLock:
+    with _WRITERS_GUARD:
+        lock = _WRITERS.get(path)
+        if lock is None:
+            lock = _WRITERS[path] = _FairLock()
+        return lock
+
+
 def _after_fork_in_child() -> None:
+    global _WRITERS_GUARD
+    _WRITERS.clear()  # a parent's thread may have held one at fork time
+    _WRITERS_GUARD = threading.Lock()
     for ledger in list(_LEDGERS):
         ledger._after_fork()
 
@@ -257,6 +311,21 @@ class SQLiteLedger(Ledger):
     ) -> T:
         """Run ``fn`` in one transaction, retrying while another process holds the file."""
         deadline = time.monotonic() + self._timeout
+        writer = _writer_lock(self.path) if write and not self._memory else None
+        if writer is not None and not writer.acquire(timeout=self._timeout):
+            raise LedgerUnavailable(
+                f"SQLite ledger {self.path}: still locked by another writer of this process "
+                f"after {self._timeout:g}s"
+            )
+        try:
+            return self._attempt(fn, deadline, write=write, setup=setup)
+        finally:
+            if writer is not None:
+                writer.release()
+
+    def _attempt(
+        self, fn: Callable[[sqlite3.Connection], T], deadline: float, *, write: bool, setup: bool
+    ) -> T:
         delay = _BACKOFF_FIRST
         while True:
             try:

@@ -161,6 +161,7 @@ class FakeOpenAI:
         self._counter = TokenCounter(approximation_margin=1.0)
         self._lock = threading.Condition()
         self._served: list[Served] = []
+        self._finishing = 0  # answers whose last bytes went out but are not recorded yet
         self._rules: list[_Rule] = []
         self._release = threading.Event()
         self._cut_cache: dict[tuple[str, str, int | None], tuple[str, int]] = {}
@@ -214,8 +215,11 @@ class FakeOpenAI:
     @property
     def requests(self) -> list[Served]:
         """Every request served so far, oldest first (a copy); a request is recorded when
-        it ends (answered, failed, cut or abandoned)."""
+        it ends (answered, failed, cut or abandoned). An answer whose last bytes already
+        reached the client is always included: a client that got its response never reads
+        a log that lacks it."""
         with self._lock:
+            self._lock.wait_for(lambda: self._finishing == 0, 5.0)
             return list(self._served)
 
     def served(self, *, model: str | None = None, path: str | None = None) -> list[Served]:
@@ -295,10 +299,17 @@ class FakeOpenAI:
                     return rule
         return _Rule()
 
-    def _record(self, served: Served) -> None:
+    def _record(self, served: Served, *, finishing: bool = False) -> None:
         with self._lock:
             self._served.append(served)
+            if finishing:
+                self._finishing -= 1
             self._lock.notify_all()
+
+    def _finish(self) -> None:
+        """An answer's last bytes are about to go out: count it until it is recorded."""
+        with self._lock:
+            self._finishing += 1
 
     def _count_text(self, model: str, text: str) -> int:
         return self._counter.count_text(model, text) if text else 0
@@ -446,6 +457,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             return self.headers.get("api-key") or self.headers.get("x-api-key")
 
         def _send_json(self, status: int, obj: Any) -> None:
+            self._last_write()
             payload = json.dumps(obj).encode()
             head = (
                 f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\n"
@@ -464,7 +476,13 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
 
         def _end_stream(self) -> None:
+            self._last_write()
             self.wfile.write(b"0\r\n\r\n")
+
+        def _last_write(self) -> None:
+            if getattr(self, "_recording", False) and not getattr(self, "_finishing", False):
+                self._finishing = True
+                fake._finish()
 
         def _client_gone(self) -> bool:
             try:
@@ -512,6 +530,17 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 self._send_json(404, {"error": {"message": f"no route {path}", "type": "none"}})
 
         def do_POST(self) -> None:
+            try:
+                self._do_post()
+            finally:
+                if getattr(self, "_finishing", False):  # died between the last write and record
+                    self._finishing = False
+                    with fake._lock:
+                        fake._finishing -= 1
+                        fake._lock.notify_all()
+                self._recording = False
+
+        def _do_post(self) -> None:
             path = self.path.split("?", 1)[0].rstrip("/")
             body = self._body()
             if path.startswith("/_fake/"):
@@ -527,6 +556,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             max_tokens = max_tokens if isinstance(max_tokens, int) else None
             rule = fake._take_rule(path, model)
             api_key = self._api_key()
+            self._recording, self._finishing = True, False
 
             def record(
                 prompt: int, completion: int, status: int, outcome: str, chunks: int = 0
@@ -545,8 +575,10 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                         outcome,
                         chunks,
                         time.time(),
-                    )
+                    ),
+                    finishing=self._finishing,
                 )
+                self._recording = self._finishing = False
 
             if fake.latency:
                 time.sleep(fake.latency)
