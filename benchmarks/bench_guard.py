@@ -34,18 +34,23 @@ POLICY: dict[str, Any] = {
         {"scope": "agent:*", "tokens": 10**12, "window": "day"},
     ],
 }
-WORDS = ("budget ledger token window reserve settle agent chain model price cache scope team "
-         "alert clamp downgrade deny loop cutoff").split()
+WORDS = (  # noqa: SIM905
+    "budget ledger token window reserve settle agent chain model price cache scope team "
+    "alert clamp downgrade deny loop cutoff"
+).split()
 
 
 def text(seed: int, n_words: int) -> str:
-    return " ".join(f"{WORDS[(seed * 7 + i * 13) % len(WORDS)]}{(seed + i) % 97}"
-                    for i in range(n_words))
+    return " ".join(
+        f"{WORDS[(seed * 7 + i * 13) % len(WORDS)]}{(seed + i) % 97}" for i in range(n_words)
+    )
 
 
 def prompt_1k(seed: int) -> list[dict[str, Any]]:
-    return [{"role": "system", "content": "You are a careful assistant."},
-            {"role": "user", "content": text(seed, 480)}]
+    return [
+        {"role": "system", "content": "You are a careful assistant."},
+        {"role": "user", "content": text(seed, 480)},
+    ]
 
 
 def transcript(seed: int, steps: int = 30) -> list[list[dict[str, Any]]]:
@@ -58,9 +63,22 @@ def transcript(seed: int, steps: int = 30) -> list[list[dict[str, Any]]]:
     for step in range(steps):
         sent.append(list(history))
         call_id = f"call_{seed}_{step}"
-        history.append({"role": "assistant", "content": None, "tool_calls": [
-            {"id": call_id, "type": "function",
-             "function": {"name": "search", "arguments": json.dumps({"q": text(seed + step, 8)})}}]})
+        history.append(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {
+                            "name": "search",
+                            "arguments": json.dumps({"q": text(seed + step, 8)}),
+                        },
+                    }
+                ],
+            }
+        )
         history.append({"role": "tool", "tool_call_id": call_id, "content": text(seed + step, 90)})
     return sent
 
@@ -85,9 +103,16 @@ def cycle(guard: Any, messages: list[dict[str, Any]]) -> None:
 
 
 def import_time(reps: int = 7) -> tuple[float, float]:
-    """Median wall ms of `python -c 'import tb_plugins'` and of `python -c 'pass'`."""
+    """Median wall ms of `python -c 'import tb_plugins'` and of `python -c 'pass'`, with
+    bytecode caching on (as users run it; the first run writes the caches)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
     def run(code: str) -> float:
-        return timed(lambda: subprocess.run([sys.executable, "-c", code], check=True)) * 1000
+        return (
+            timed(lambda: subprocess.run([sys.executable, "-c", code], check=True, env=env)) * 1000
+        )
+
+    run("import tb_plugins")  # write the bytecode caches
 
     base = statistics.median(run("pass") for _ in range(reps))
     full = statistics.median(run("import tb_plugins") for _ in range(reps))
@@ -111,48 +136,84 @@ def main() -> None:
         cycle(guard_for(url), prompt_1k(-1))
     litellm.token_counter(model=MODEL, messages=prompt_1k(-2))
 
-    # 1. a first-seen 1k-token prompt
-    base = [timed(lambda s=s: litellm.token_counter(model=MODEL, messages=prompt_1k(s)))
-            for s in range(args.reps)]
+    # 1. a first-seen 1k-token prompt; backends interleaved per repetition (no order bias)
+    guards = {name: guard_for(url) for name, url in backends.items()}
+    base: list[float] = []
+    per: dict[str, list[float]] = {name: [] for name in backends}
+    for s in range(args.reps):
+        base.append(timed(lambda s=s: litellm.token_counter(model=MODEL, messages=prompt_1k(s))))
+        for k, (name, g) in enumerate(guards.items()):
+            seed = 1000 + s * 10 + k
+            per[name].append(timed(lambda g=g, seed=seed: cycle(g, prompt_1k(seed))))
     base_med = statistics.median(base) * 1e6
-    rows.append({"case": "1k-token prompt, first seen", "what": "litellm.token_counter",
-                 "median_us": base_med, "ratio": 1.0})
-    for name, url in backends.items():
-        g = guard_for(url)
-        samples = [timed(lambda s=s: cycle(g, prompt_1k(1000 + s))) for s in range(args.reps)]
-        med = statistics.median(samples) * 1e6
-        rows.append({"case": "1k-token prompt, first seen", "what": f"guard cycle ({name})",
-                     "median_us": med, "ratio": med / base_med, "target": "<= 1.5"})
+    rows.append(
+        {
+            "case": "1k-token prompt, first seen",
+            "what": "litellm.token_counter",
+            "median_us": base_med,
+            "ratio": 1.0,
+        }
+    )
+    for name in backends:
+        med = statistics.median(per[name]) * 1e6
+        rows.append(
+            {
+                "case": "1k-token prompt, first seen",
+                "what": f"guard cycle ({name})",
+                "median_us": med,
+                "ratio": med / base_med,
+                "target": "<= 1.5",
+            }
+        )
 
     # 2. a 30-step agent transcript with a growing history (median per step, and total)
     base_tot, base_steps = [], []
+    tot: dict[str, list[float]] = {name: [] for name in backends}
+    steps_t: dict[str, list[float]] = {name: [] for name in backends}
     for s in range(args.reps):
         steps = transcript(5000 + s)
         t = [timed(lambda m=m: litellm.token_counter(model=MODEL, messages=m)) for m in steps]
         base_tot.append(sum(t))
         base_steps.extend(t)
+        for k, (name, g) in enumerate(guards.items()):
+            own = transcript(9000 + s * 31 + k)
+            t = [timed(lambda g=g, m=m: cycle(g, m)) for m in own]
+            tot[name].append(sum(t))
+            steps_t[name].extend(t)
     base_total = statistics.median(base_tot) * 1e6
-    rows.append({"case": "30-step agent transcript", "what": "litellm.token_counter",
-                 "median_us": statistics.median(base_steps) * 1e6,
-                 "total_us": base_total, "ratio": 1.0})
-    for name, url in backends.items():
-        g = guard_for(url)
-        tot, per = [], []
-        for s in range(args.reps):
-            steps = transcript(9000 + s * 31 + len(name))
-            t = [timed(lambda m=m: cycle(g, m)) for m in steps]
-            tot.append(sum(t))
-            per.extend(t)
-        total = statistics.median(tot) * 1e6
-        rows.append({"case": "30-step agent transcript", "what": f"guard cycle ({name})",
-                     "median_us": statistics.median(per) * 1e6, "total_us": total,
-                     "ratio": total / base_total, "target": "<= 0.5"})
+    rows.append(
+        {
+            "case": "30-step agent transcript",
+            "what": "litellm.token_counter",
+            "median_us": statistics.median(base_steps) * 1e6,
+            "total_us": base_total,
+            "ratio": 1.0,
+        }
+    )
+    for name in backends:
+        total = statistics.median(tot[name]) * 1e6
+        rows.append(
+            {
+                "case": "30-step agent transcript",
+                "what": f"guard cycle ({name})",
+                "median_us": statistics.median(steps_t[name]) * 1e6,
+                "total_us": total,
+                "ratio": total / base_total,
+                "target": "<= 0.5",
+            }
+        )
 
     full, bare = import_time()
-    rows.append({"case": "import tb_plugins", "what": "python -c 'import tb_plugins'",
-                 "median_us": full * 1000, "ratio": None,
-                 "note": f"{full - bare:.1f} ms over a bare interpreter ({bare:.1f} ms)",
-                 "target": "< 100 ms"})
+    rows.append(
+        {
+            "case": "import tb_plugins",
+            "what": "python -c 'import tb_plugins'",
+            "median_us": full * 1000,
+            "ratio": None,
+            "note": f"{full - bare:.1f} ms over a bare interpreter ({bare:.1f} ms)",
+            "target": "< 100 ms",
+        }
+    )
 
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -161,8 +222,10 @@ def main() -> None:
     for r in rows:
         total = f"{r['total_us']:,.0f}" if "total_us" in r else ""
         ratio = f"{r['ratio']:.2f}" if r.get("ratio") is not None else ""
-        print(f"{r['case']:30} {r['what']:28} {r['median_us']:>11,.0f} {total:>11} {ratio:>7}"
-              f"  {r.get('target', '')} {r.get('note', '')}")
+        print(
+            f"{r['case']:30} {r['what']:28} {r['median_us']:>11,.0f} {total:>11} {ratio:>7}"
+            f"  {r.get('target', '')} {r.get('note', '')}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import random
@@ -56,17 +57,33 @@ PRUNE_GRACE = 86_400.0  # a counter or alert is deleted this long after it stopp
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.0005, 0.05  # seconds, retry of a locked file (with jitter)
 
 _UNIT_COLS = ", ".join(UNITS)
-_SUMS = ", ".join(f"coalesce(sum({u}), 0)" for u in UNITS)
 
 # -- the hot path: constant SQL ----------------------------------------------------------------
 
 _PURGE_HOLDS = "DELETE FROM holds WHERE expires_at <= ?"
-_LINE_STATE = f"""
-SELECT 0, {_SUMS} FROM counters WHERE key = ? AND bucket BETWEEN ? AND ?
+_LINE_STATES = """
+WITH l(i, key, lo, hi) AS (VALUES {values})
+SELECT l.i, 0, {counter_sums} FROM l
+  LEFT JOIN counters c ON c.key = l.key AND c.bucket BETWEEN l.lo AND l.hi
+ GROUP BY l.i
 UNION ALL
-SELECT 1, {_SUMS} FROM holds
- WHERE key = ? AND bucket BETWEEN ? AND ? AND expires_at > ? AND reservation_id IS NOT ?
+SELECT l.i, 1, {hold_sums} FROM l
+  LEFT JOIN holds h ON h.key = l.key AND h.bucket BETWEEN l.lo AND l.hi
+                   AND h.expires_at > ? AND h.reservation_id IS NOT ?
+ GROUP BY l.i
 """
+
+
+@functools.lru_cache(maxsize=64)
+def _line_states_sql(n: int) -> str:
+    """Spent and held of ``n`` lines in one statement (a fixed template per line count)."""
+    return _LINE_STATES.format(
+        values=", ".join(["(?, ?, ?, ?)"] * n),
+        counter_sums=", ".join(f"coalesce(sum(c.{u}), 0)" for u in UNITS),
+        hold_sums=", ".join(f"coalesce(sum(h.{u}), 0)" for u in UNITS),
+    )
+
+
 _DELETE_HOLDS = "DELETE FROM holds WHERE reservation_id = ?"
 _DELETE_LIVE_HOLDS = "DELETE FROM holds WHERE reservation_id = ? AND expires_at > ?"
 _INSERT_HOLD = f"""
@@ -434,15 +451,15 @@ class SQLiteLedger(Ledger):
     def _states(
         conn: sqlite3.Connection, lines: Sequence[Line], now: float, exclude: str | None = None
     ) -> tuple[LineState, ...]:
-        states = []
-        for line in lines:
-            low = line.lowest_bucket
-            sums = [ZERO, ZERO]
-            for row in conn.execute(
-                _LINE_STATE, (line.key, low, line.bucket, line.key, low, line.bucket, now, exclude)
-            ):
-                sums[row[0]] = row[1:]  # six integers: coalesce(sum(...), 0) of INTEGER columns
-            states.append(LineState(spent=sums[0], held=sums[1]))
+        if not lines:
+            return ()
+        params: list[Any] = []
+        for i, line in enumerate(lines):
+            params += (i, line.key, line.lowest_bucket, line.bucket)
+        sums = [[ZERO, ZERO] for _ in lines]
+        for row in conn.execute(_line_states_sql(len(lines)), (*params, now, exclude)):
+            sums[row[0]][row[1]] = row[2:]  # six integers: coalesce(sum(...), 0)
+        states = [LineState(spent=spent, held=held) for spent, held in sums]
         return tuple(states)
 
     # -- the atomic operations -----------------------------------------------------------------
