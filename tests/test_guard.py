@@ -518,3 +518,22 @@ def test_no_warnings_leak_from_a_plain_allowed_call() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g.settle(call(g), Usage(1, 1))
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_per_run_counters_are_pruned_once_the_run_is_idle(backend: str, tmp_path: Path) -> None:
+    """A run's never-resetting counter is dropped from the ledger a while after its last call,
+    so per-run budgets do not grow the ledger forever; a live run keeps its count."""
+    clock = Clock()
+    url = "memory://" if backend == "memory" else f"sqlite:///{tmp_path}/l.db"
+    g = make([{"scope": "run:*", "calls": 5, "window": "total"}], ledger=url, clock=clock)
+    g.settle(call(g, ["run:old"]), Usage(10, 10))
+    g.settle(call(g, ["run:live"]), Usage(10, 10))
+    clock.t += 5 * 86400
+    g.settle(call(g, ["run:live"]), Usage(10, 10))  # still active: its expiry moves on
+    clock.t += 4 * 86400  # run:old idle 9 days, run:live 4 days
+    g.settle(call(g, ["run:other"]), Usage(10, 10))  # a settle prunes what is long dead
+    scopes = {s for s, _ in g.ledger.scopes()}
+    assert "run:old" not in scopes
+    assert "run:live" in scopes
+    assert g.status("run:live")[0].spent == 2

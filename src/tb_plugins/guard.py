@@ -84,6 +84,10 @@ _MAX_ATTEMPTS = 6
 _CLOCK_SYNC_EVERY = 60.0
 _FLUSH_EVERY = 5.0
 _HINT = "a budget is past its downgrade_at fraction"
+# A run or session is over once it stops calling: its never-resetting counters may be pruned
+# this long after its last charge, so per-run budgets do not grow the ledger forever.
+RUN_IDLE_EXPIRY = 7 * 86400.0
+_EPHEMERAL_KINDS = ("run:", "session:")
 
 
 @dataclass(frozen=True)
@@ -527,8 +531,12 @@ class BudgetGuard:
     def _lines(self, path: Sequence[str], now: float) -> tuple[LinePlan, ...]:
         out: list[LinePlan] = []
         for scope in path:
+            ephemeral = scope.startswith(_EPHEMERAL_KINDS)
             for t in self._templates(scope):
                 slot = self._slot(t.budgets[0], now)
+                expires_at = slot.expires_at
+                if expires_at is None and ephemeral:
+                    expires_at = now + RUN_IDLE_EXPIRY
                 line = Line(
                     key=t.key,
                     scope=scope,
@@ -537,7 +545,7 @@ class BudgetGuard:
                     span=slot.span,
                     width=slot.width,
                     limits=t.limits,
-                    expires_at=slot.expires_at,
+                    expires_at=expires_at,
                 )
                 out.append(LinePlan(line, t.budgets, t.names, slot.resets_at))
         return tuple(out)
