@@ -537,3 +537,28 @@ def test_per_run_counters_are_pruned_once_the_run_is_idle(backend: str, tmp_path
     assert "run:old" not in scopes
     assert "run:live" in scopes
     assert g.status("run:live")[0].spent == 2
+
+
+def test_downgrade_hints_stay_small_and_do_not_leak_to_other_scopes() -> None:
+    """Only lines past downgrade_at are remembered; a user past it does not make another
+    user's call start on the cheaper model or cost an extra ledger round trip."""
+    g = make(
+        [{"scope": "user:*", "tokens": 1000, "window": "day", "downgrade_at": 0.5}],
+        downgrade={"gpt-4o": "gpt-4o-mini"},
+    )
+    for i in range(200):
+        g.settle(call(g, [f"user:u{i}"], max_tokens=5), Usage(10, 5))
+    assert len(g._hints) == 0
+    spend(g, 600, ["user:heavy"])
+    assert call(g, ["user:heavy"], max_tokens=5).model == "gpt-4o-mini"
+    reserves = []
+    original = g.ledger.reserve
+
+    def counting(*args: Any, **kwargs: Any) -> ReserveResult:
+        reserves.append(1)
+        return original(*args, **kwargs)
+
+    g.ledger.reserve = counting  # type: ignore[method-assign]
+    d = call(g, ["user:light"], max_tokens=5)
+    assert (d.model, len(reserves)) == ("gpt-4o", 1)
+    assert len(g._hints) == 1  # user:heavy's line only

@@ -294,7 +294,8 @@ class BudgetGuard:
         self._warned_unpriced: set[str] = set()
         self._offset = 0.0
         self._offset_at: float | None = None
-        self._hints: dict[str, bool] = {}
+        # Line keys last seen past a downgrade_at fraction (only those: the set stays small).
+        self._hints: set[str] = set()
         self.listeners: list[Callable[[str, Mapping[str, Any]], None]] = []
 
     # -- construction ----------------------------------------------------------------------
@@ -661,7 +662,7 @@ class BudgetGuard:
         expires_at = now + self.policy.reservation_ttl
         cheaper = self._downgrade_model(model) if adjust else None
         # A line known to be past downgrade_at starts the ladder on the cheaper model.
-        hinted = bool(cheaper) and any(self._hints.get(lp.line.key) for lp in lines)
+        hinted = bool(cheaper) and any(lp.line.key in self._hints for lp in lines)
         if hinted and cheaper:
             plan, reasons = self._replan(
                 cheaper, messages, tools, prompt, input_tokens, max_tokens, _HINT
@@ -681,8 +682,11 @@ class BudgetGuard:
             if result.ok:
                 due = downgrade_due(lines, states) if watch else None
                 if watch:
-                    for lp in lines:
-                        self._hints[lp.line.key] = due is not None
+                    for lp, st in zip(lines, states, strict=True):
+                        if downgrade_due((lp,), (st,)) is not None:
+                            self._hints.add(lp.line.key)
+                        else:
+                            self._hints.discard(lp.line.key)
                 if due is not None and cheaper and plan.model != cheaper:
                     yield from self._quiet("release", (rid,), {"now": now})
                     plan, reasons = self._replan(
