@@ -400,30 +400,17 @@ class BudgetGuard:
         return await self._adrive(self._settle_flow(decision, usage))
 
     def release(self, decision: Decision) -> None:
-        """Return the hold of a call that failed or was cancelled before using anything."""
-        if decision.local:
-            return
-        try:
-            self.ledger.release(decision.reservation_id, now=self.now())
-        except Exception as exc:  # the hold expires by itself after its TTL
-            logger.warning(
-                "tb_plugins: release of %s failed (%s); the hold will expire at its TTL",
-                decision.reservation_id,
-                exc,
-            )
+        """Return the hold of a call that failed or was cancelled before using anything.
+        Never raises: a hold the ledger could not drop expires by itself after its TTL."""
+        self._drive(self._release_flow(decision))
 
     async def arelease(self, decision: Decision) -> None:
         """Async :meth:`release`."""
-        if decision.local:
-            return
-        try:
-            await self.ledger.arelease(decision.reservation_id, now=self.now())
-        except Exception as exc:
-            logger.warning(
-                "tb_plugins: release of %s failed (%s); the hold will expire at its TTL",
-                decision.reservation_id,
-                exc,
-            )
+        await self._adrive(self._release_flow(decision))
+
+    def _release_flow(self, decision: Decision) -> Generator[_Op, Any, None]:
+        if not decision.local:
+            yield from self._quiet("release", (decision.reservation_id,), {"now": self.now()})
 
     def status(self, scope: str | None = None) -> list[BudgetStatus]:
         """Every limit of every budget on ``scope`` (or on every scope the ledger knows)."""
@@ -680,10 +667,13 @@ class BudgetGuard:
                 return self._fail_open(exc, rid, path, lines, plan, action, reasons, now)
             states = result.states
             if result.ok:
-                due = downgrade_due(lines, states) if watch else None
-                if watch:
+                due = None
+                if watch:  # one pass: the first budget past downgrade_at, and the hints
                     for lp, st in zip(lines, states, strict=True):
-                        if downgrade_due((lp,), (st,)) is not None:
+                        past = downgrade_due((lp,), (st,))
+                        if past is not None:
+                            if due is None:
+                                due = past
                             self._hints.add(lp.line.key)
                         else:
                             self._hints.discard(lp.line.key)
@@ -1030,31 +1020,30 @@ class BudgetGuard:
                 exc = LedgerUnavailable(f"{type(e).__name__}: {e}")
                 exc.__cause__ = e
 
-    def _sync_clock(self) -> None:
+    def _clock_due(self) -> bool:
         local = self.clock()
         if self._offset_at is not None and local - self._offset_at < _CLOCK_SYNC_EVERY:
-            return
+            return False
         self._offset_at = local
+        return True
+
+    def _clock_flow(self) -> Generator[_Op, Any, None]:
+        """Follow a shared ledger's clock: offset = server time - local time."""
         try:
-            server = self.ledger.server_time()
-        except Exception as exc:
+            server = yield ("server_time", (), {})
+        except LedgerError as exc:
             logger.debug("tb_plugins: server_time failed: %s", exc)
             return
         if server is not None:
             self._offset = server - self.clock()
 
+    def _sync_clock(self) -> None:
+        if self._clock_due():
+            self._drive(self._clock_flow())
+
     async def _async_sync_clock(self) -> None:
-        local = self.clock()
-        if self._offset_at is not None and local - self._offset_at < _CLOCK_SYNC_EVERY:
-            return
-        self._offset_at = local
-        try:
-            server = await self.ledger.aserver_time()
-        except Exception as exc:
-            logger.debug("tb_plugins: server_time failed: %s", exc)
-            return
-        if server is not None:
-            self._offset = server - self.clock()
+        if self._clock_due():
+            await self._adrive(self._clock_flow())
 
     def _flush_due(self) -> bool:
         if not self._pending:
