@@ -314,9 +314,16 @@ class FlakyLedger(Ledger):
         return self._call("reserve", rid, lines, amounts, now=now, expires_at=expires_at)  # type: ignore[no-any-return]
 
     def settle(
-        self, rid: str, lines: Sequence[Line], amounts: Amounts, record: UsageRecord, *, now: float
+        self,
+        rid: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        record: UsageRecord,
+        *,
+        now: float,
+        watch: Sequence[int] | None = None,
     ) -> SettleResult:
-        return self._call("settle", rid, lines, amounts, record, now=now)  # type: ignore[no-any-return]
+        return self._call("settle", rid, lines, amounts, record, now=now, watch=watch)  # type: ignore[no-any-return]
 
     def release(self, rid: str, *, now: float) -> bool:
         return self._call("release", rid, now=now)  # type: ignore[no-any-return]

@@ -209,6 +209,24 @@ def test_settle_records_more_than_the_estimate(ledger: Ledger) -> None:
     assert ledger.status([ln], now=T0) == result.states
 
 
+def test_settle_reads_back_the_watched_lines(ledger: Ledger) -> None:
+    """``watch`` names the lines read back: they are exact; the others are None or exact."""
+    lines = [line("global", tokens=10**6), line("team:a", tokens=500), line("user:a", "hour")]
+    charge(ledger, "r0", lines, cost(100))
+    assert ledger.reserve("r1", lines, cost(10), now=T0, expires_at=T0 + TTL).ok
+    result = ledger.settle(
+        "r1", lines, cost(40), record("r1", ("global", "team:a", "user:a")), now=T0, watch=[1]
+    )
+    truth = ledger.status(lines, now=T0)
+    assert truth == (state(spent=add(cost(100), cost(40))),) * 3
+    assert result.states[1] == truth[1]
+    for got, want in zip(result.states, truth, strict=True):
+        assert got is None or got == want
+    empty = ledger.settle("r2", lines, cost(1), record("r2", ("global",)), now=T0, watch=[])
+    assert empty.applied and all(s is None or isinstance(s, LineState) for s in empty.states)
+    assert len(empty.states) == 3
+
+
 def test_settle_is_idempotent(ledger: Ledger) -> None:
     """A second settle of the same id changes nothing and says so."""
     ln = line("user:a", tokens=100)

@@ -901,13 +901,15 @@ class BudgetGuard:
             extra={"reasoning_tokens": usage.reasoning_tokens} if usage.reasoning_tokens else {},
         )
         line_list = [lp.line for lp in decision.lines]
+        # Only lines with alert thresholds are read back after the settle.
+        watch = [i for i, lp in enumerate(decision.lines) if any(b.alerts for b in lp.budgets)]
         fired: list[Alert] = []
         applied = True
         try:
             result: SettleResult = yield (
                 "settle",
                 (decision.reservation_id, line_list, charged, record),
-                {"now": now},
+                {"now": now, "watch": watch},
             )
         except LedgerError as exc:
             logger.error(
@@ -939,7 +941,11 @@ class BudgetGuard:
         return charge
 
     def _alerts(
-        self, lines: Sequence[LinePlan], states: Sequence[LineState], charged: Amounts, now: float
+        self,
+        lines: Sequence[LinePlan],
+        states: Sequence[LineState | None],
+        charged: Amounts,
+        now: float,
     ) -> Generator[_Op, Any, list[Alert]]:
         fired = []
         for lp, budget, threshold, util in alerts_crossed(lines, states, charged):
@@ -971,7 +977,7 @@ class BudgetGuard:
                 yield (
                     "settle",
                     (p.reservation_id, list(p.lines), p.amounts, p.record),
-                    {"now": self.now()},
+                    {"now": self.now(), "watch": ()},
                 )
             except LedgerError:
                 with self._pending_lock:

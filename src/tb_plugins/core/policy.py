@@ -197,14 +197,17 @@ def downgrade_due(lines: Sequence[LinePlan], states: Sequence[LineState]) -> Bud
 
 
 def alerts_crossed(
-    lines: Sequence[LinePlan], after: Sequence[LineState], charged: Amounts
+    lines: Sequence[LinePlan], after: Sequence[LineState | None], charged: Amounts
 ) -> list[tuple[LinePlan, Budget, float, float]]:
     """Thresholds crossed by a settlement: ``(line, budget, threshold, utilization)``.
 
-    Only settled spend counts (not holds): an alert says money was really spent.
+    Only settled spend counts (not holds): an alert says money was really spent. A line whose
+    state was not read back (None) crosses nothing.
     """
     out = []
     for lp, st in zip(lines, after, strict=True):
+        if st is None:
+            continue
         before = LineState(
             spent=tuple(s - c for s, c in zip(st.spent, charged, strict=True)),  # type: ignore[arg-type]
             held=st.held,

@@ -120,10 +120,14 @@ class ReserveResult:
 @dataclass(frozen=True, slots=True)
 class SettleResult:
     """The outcome of :meth:`Ledger.settle`: ``applied`` is False when the id was settled
-    before (nothing changed); ``states`` are the lines *after* settling."""
+    before (nothing changed); ``states`` are the lines *after* settling, one entry per line.
+
+    An entry is ``None`` for a line the caller did not ask to watch (``settle(watch=...)``):
+    a backend may skip reading it back.
+    """
 
     applied: bool
-    states: tuple[LineState, ...]
+    states: tuple[LineState | None, ...]
 
 
 class Ledger(abc.ABC):
@@ -174,9 +178,14 @@ class Ledger(abc.ABC):
         record: UsageRecord,
         *,
         now: float,
+        watch: Sequence[int] | None = None,
     ) -> SettleResult:
         """Drop the hold (if still there), add ``amounts`` to each line's bucket, append
-        ``record`` to the usage log. A second settle of the same id changes nothing."""
+        ``record`` to the usage log. A second settle of the same id changes nothing.
+
+        ``watch`` lists the indexes of the lines whose states the caller reads afterwards
+        (for alerts); ``None`` means every line. Other lines' states may come back ``None``.
+        """
 
     @abc.abstractmethod
     def release(self, reservation_id: str, *, now: float) -> bool:
@@ -250,9 +259,12 @@ class Ledger(abc.ABC):
         record: UsageRecord,
         *,
         now: float,
+        watch: Sequence[int] | None = None,
     ) -> SettleResult:
         """Async :meth:`settle`."""
-        return await _to_thread(self.settle, reservation_id, lines, amounts, record, now=now)
+        return await _to_thread(
+            self.settle, reservation_id, lines, amounts, record, now=now, watch=watch
+        )
 
     async def arelease(self, reservation_id: str, *, now: float) -> bool:
         """Async :meth:`release`."""

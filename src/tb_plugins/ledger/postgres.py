@@ -797,6 +797,7 @@ class PostgresLedger(Ledger):
         record: UsageRecord,
         *,
         now: float,
+        watch: Sequence[int] | None = None,
     ) -> SettleResult:
         """Replace the hold by ``amounts`` on each line and log ``record``; idempotent by id."""
         unique, index = _unique(lines)
@@ -814,6 +815,7 @@ class PostgresLedger(Ledger):
         record: UsageRecord,
         *,
         now: float,
+        watch: Sequence[int] | None = None,
     ) -> SettleResult:
         """Async :meth:`settle`."""
         unique, index = _unique(lines)

@@ -508,6 +508,7 @@ class RedisLedger(Ledger):
         record: UsageRecord,
         *,
         now: float,
+        watch: Sequence[int] | None = None,
     ) -> SettleResult:
         """Replace the hold by ``amounts`` on each line and log ``record``; idempotent by id
         for ``settled_ttl``."""
@@ -523,6 +524,7 @@ class RedisLedger(Ledger):
         record: UsageRecord,
         *,
         now: float,
+        watch: Sequence[int] | None = None,
     ) -> SettleResult:
         """Async :meth:`settle`."""
         args = self._settle_args(reservation_id, lines, amounts, record, now)

@@ -61,27 +61,28 @@ _UNIT_COLS = ", ".join(UNITS)
 # -- the hot path: constant SQL ----------------------------------------------------------------
 
 _PURGE_HOLDS = "DELETE FROM holds WHERE expires_at <= ?"
-_LINE_STATES = """
-WITH l(i, key, lo, hi) AS (VALUES {values})
-SELECT l.i, 0, {counter_sums} FROM l
-  LEFT JOIN counters c ON c.key = l.key AND c.bucket BETWEEN l.lo AND l.hi
- GROUP BY l.i
-UNION ALL
-SELECT l.i, 1, {hold_sums} FROM l
-  LEFT JOIN holds h ON h.key = l.key AND h.bucket BETWEEN l.lo AND l.hi
-                   AND h.expires_at > ? AND h.reservation_id IS NOT ?
- GROUP BY l.i
-"""
+# One aggregate per line and table, each a range search of the primary key (counters) or of the
+# (key, bucket) index (holds): no join and no temporary b-tree, so the cost is the rows summed.
+_SPENT = "SELECT {i}, 0, {sums} FROM counters WHERE key = ?{k} AND bucket BETWEEN ?{lo} AND ?{hi}"
+_HELD = (
+    "SELECT {i}, 1, {sums} FROM holds WHERE key = ?{k} AND bucket BETWEEN ?{lo} AND ?{hi}"
+    " AND expires_at > ?{now} AND reservation_id IS NOT ?{exclude}"
+)
+_STATES_CHUNK = 100  # lines per statement (SQLite allows 500 terms in one compound SELECT)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=128)
 def _line_states_sql(n: int) -> str:
-    """Spent and held of ``n`` lines in one statement (a fixed template per line count)."""
-    return _LINE_STATES.format(
-        values=", ".join(["(?, ?, ?, ?)"] * n),
-        counter_sums=", ".join(f"coalesce(sum(c.{u}), 0)" for u in UNITS),
-        hold_sums=", ".join(f"coalesce(sum(h.{u}), 0)" for u in UNITS),
-    )
+    """Spent and held of ``n`` lines in one statement: parameters are (key, lowest bucket,
+    bucket) per line, then now and the reservation id whose holds are left out."""
+    sums = ", ".join(f"coalesce(sum({u}), 0)" for u in UNITS)
+    parts = []
+    for i in range(n):
+        k, lo, hi = 3 * i + 1, 3 * i + 2, 3 * i + 3
+        parts.append(_SPENT.format(i=i, sums=sums, k=k, lo=lo, hi=hi))
+        parts.append(_HELD.format(i=i, sums=sums, k=k, lo=lo, hi=hi, now=3 * n + 1,
+                                  exclude=3 * n + 2))  # fmt: skip
+    return "\nUNION ALL ".join(parts)
 
 
 _DELETE_HOLDS = "DELETE FROM holds WHERE reservation_id = ?"
@@ -451,16 +452,15 @@ class SQLiteLedger(Ledger):
     def _states(
         conn: sqlite3.Connection, lines: Sequence[Line], now: float, exclude: str | None = None
     ) -> tuple[LineState, ...]:
-        if not lines:
-            return ()
-        params: list[Any] = []
-        for i, line in enumerate(lines):
-            params += (i, line.key, line.lowest_bucket, line.bucket)
         sums = [[ZERO, ZERO] for _ in lines]
-        for row in conn.execute(_line_states_sql(len(lines)), (*params, now, exclude)):
-            sums[row[0]][row[1]] = row[2:]  # six integers: coalesce(sum(...), 0)
-        states = [LineState(spent=spent, held=held) for spent, held in sums]
-        return tuple(states)
+        for start in range(0, len(lines), _STATES_CHUNK):
+            chunk = lines[start : start + _STATES_CHUNK]
+            params: list[Any] = []
+            for line in chunk:
+                params += (line.key, line.lowest_bucket, line.bucket)
+            for row in conn.execute(_line_states_sql(len(chunk)), (*params, now, exclude)):
+                sums[start + row[0]][row[1]] = row[2:]  # six integers: coalesce(sum(...), 0)
+        return tuple(LineState(spent=spent, held=held) for spent, held in sums)
 
     # -- the atomic operations -----------------------------------------------------------------
 
@@ -501,13 +501,25 @@ class SQLiteLedger(Ledger):
         record: UsageRecord,
         *,
         now: float,
+        watch: Sequence[int] | None = None,
     ) -> SettleResult:
-        """Replace the hold by ``amounts`` on each line and log ``record``; idempotent by id."""
+        """Replace the hold by ``amounts`` on each line and log ``record``; idempotent by id.
+
+        Only the ``watch`` lines (all when None) are read back; the others' states are None.
+        """
+        watched = range(len(lines)) if watch is None else sorted(set(watch))
+
+        def after(conn: sqlite3.Connection) -> tuple[LineState | None, ...]:
+            read = self._states(conn, [lines[i] for i in watched], now)
+            states: list[LineState | None] = [None] * len(lines)
+            for i, state in zip(watched, read, strict=True):
+                states[i] = state
+            return tuple(states)
 
         def tx(conn: sqlite3.Connection) -> SettleResult:
             cur = conn.execute(_INSERT_USAGE, (reservation_id, *self._record_row(record)))
             if cur.rowcount == 0:
-                return SettleResult(applied=False, states=self._states(conn, lines, now))
+                return SettleResult(applied=False, states=after(conn))
             self._insert_scopes(conn, cur.lastrowid, record)
             conn.execute(_DELETE_HOLDS, (reservation_id,))
             conn.executemany(
@@ -518,7 +530,7 @@ class SQLiteLedger(Ledger):
                 for sql in _PRUNE:
                     conn.execute(sql, (now - PRUNE_GRACE,))
                 self._next_prune = now + PRUNE_EVERY
-            return SettleResult(applied=True, states=self._states(conn, lines, now))
+            return SettleResult(applied=True, states=after(conn))
 
         return self._run(tx)
 
