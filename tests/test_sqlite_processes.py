@@ -260,3 +260,89 @@ def test_a_writer_that_times_out_leaves_the_queue() -> None:
     assert len(lock._waiters) == 0
     lock.release()
     assert lock.acquire(timeout=0.01)
+
+
+# -- async operations: at once on the event loop's thread, or a worker when the file is busy --
+
+
+async def test_async_operations_run_at_once_when_the_file_is_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nobody else writing, the async twins run on the loop's thread: no thread hop."""
+    import tb_plugins.ledger.sqlite as sqlite_mod
+
+    def no_hop(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an async operation went to a worker thread")
+
+    monkeypatch.setattr(sqlite_mod, "_to_thread", no_hop)
+    ledger = ledger_from_url(f"sqlite:///{tmp_path / 'l.db'}")
+    lines = _lines(0, 1)
+    five = amounts(5, 0, 0)
+    assert (await ledger.areserve("r1", lines, five, now=T0, expires_at=T0 + TTL)).ok
+    assert not (await ledger.areserve("r2", lines, five, now=T0, expires_at=T0 + TTL)).ok
+    settled = await ledger.asettle("r1", lines, amounts(7, 0, 0), _record("r1", lines, 7), now=T0)
+    assert settled.applied
+    assert (await ledger.astatus(lines, now=T0))[0].spent[TOKENS] == 7
+    assert await ledger.aclaim_alert("a", expires_at=None)
+    assert not await ledger.arelease("r1", now=T0)
+    ledger.close()
+
+
+async def test_an_async_operation_waits_in_a_worker_when_another_process_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another connection holds the write lock, the loop is not blocked: the operation
+    changes nothing at once and goes to a worker thread, which waits and then succeeds."""
+    import tb_plugins.ledger.sqlite as sqlite_mod
+
+    path = tmp_path / "l.db"
+    ledger = ledger_from_url(f"sqlite:///{path}")
+    lines = _lines(0, None)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's writer, mid-transaction
+    hops: list[str] = []
+    real = sqlite_mod._to_thread
+
+    async def hop(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(fn.__name__)
+        assert ledger.status(lines, now=T0)[0] == _zero_state()  # nothing written meanwhile
+        other.execute("COMMIT")  # the other writer finishes while the worker waits
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite_mod, "_to_thread", hop)
+    result = await ledger.areserve("r1", lines, amounts(5, 0, 0), now=T0, expires_at=T0 + TTL)
+    assert result.ok and hops == ["_run"]
+    assert ledger.status(lines, now=T0)[0].held[TOKENS] == 5
+    other.close()
+    ledger.close()
+
+
+async def test_an_async_operation_queues_behind_a_writer_thread_of_its_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread of the same process holding the writer lock sends the operation to a worker
+    (which queues first come, first served) instead of blocking the loop."""
+    import tb_plugins.ledger.sqlite as sqlite_mod
+
+    ledger = ledger_from_url(f"sqlite:///{tmp_path / 'l.db'}")
+    lines = _lines(0, None)
+    writer = sqlite_mod._writer_lock(ledger.path)  # type: ignore[attr-defined]
+    assert writer.acquire(timeout=1)
+    real = sqlite_mod._to_thread
+    hops: list[str] = []
+
+    async def hop(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(fn.__name__)
+        writer.release()
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite_mod, "_to_thread", hop)
+    assert (await ledger.areserve("r1", lines, amounts(5, 0, 0), now=T0, expires_at=T0 + TTL)).ok
+    assert hops == ["_run"]
+    ledger.close()
+
+
+def _zero_state() -> Any:
+    from tb_plugins.ledger import LineState
+
+    return LineState(spent=ZERO, held=ZERO)

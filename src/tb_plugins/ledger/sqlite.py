@@ -44,11 +44,26 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tb_plugins.core.usage import UNITS, ZERO, Amounts, UsageRecord, UsageRow
 from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
-from tb_plugins.ledger.base import GroupBy, Ledger, Line, LineState, ReserveResult, SettleResult
+from tb_plugins.ledger.base import (
+    GroupBy,
+    Ledger,
+    Line,
+    LineState,
+    ReserveResult,
+    SettleResult,
+    _to_thread,
+)
 
 __all__ = ["SCHEMA_VERSION", "SQLiteLedger"]
 
 T = TypeVar("T")
+
+
+class _Busy:
+    """The ledger was locked: nothing was done (see :meth:`SQLiteLedger._run_now`)."""
+
+
+BUSY = _Busy()
 
 SCHEMA_VERSION = 1
 PAGE_SIZE = 1024  # bytes, for new files
@@ -172,6 +187,14 @@ class _FairLock:
         waiter.acquire()  # release() handed it over just as the wait timed out
         return True
 
+    def try_acquire(self) -> bool:
+        """Take the lock only if it is free and nobody waits for it."""
+        with self._guard:
+            if self._held:
+                return False
+            self._held = True
+            return True
+
     def release(self) -> None:
         with self._guard:
             if self._waiters:
@@ -203,6 +226,7 @@ def _after_fork_in_child() -> None:
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
+_LOCK_TYPE = type(threading.Lock())
 _BUSY_MARKERS = ("database is locked", "database table is locked", "database is busy")
 _UNAVAILABLE_MARKERS = ("unable to open", "disk i/o error", "readonly", "read-only")
 
@@ -285,21 +309,33 @@ class SQLiteLedger(Ledger):
 
     # -- connections and transactions --------------------------------------------------------
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, timeout: float | None = None) -> sqlite3.Connection:
         conn = sqlite3.connect(
-            self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            self.path,
+            timeout=self._timeout if timeout is None else timeout,
+            isolation_level=None,
+            check_same_thread=False,
         )
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self, *, fast: bool = False) -> sqlite3.Connection:
+        """This thread's connection; ``fast``: a second one that never waits for the file
+        lock (busy timeout 0), for operations run at once on an event loop's thread."""
         if self._single is not None:
             return self._single
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():
-            conn = self._open()
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "fast" if fast else "conn", None)
+        if conn is None or local.pid != os.getpid():
+            if getattr(local, "pid", None) != os.getpid():
+                local.conn = local.fast = None
+            conn = self._open(0.0 if fast else None)
             pid, me = os.getpid(), threading.current_thread()
-            self._local.conn, self._local.pid = conn, pid
+            local.pid = pid
+            if fast:
+                local.fast = conn
+            else:
+                local.conn = conn
             with self._conns_lock:
                 keep, dead = [], []
                 for entry in self._conns:
@@ -366,6 +402,46 @@ class SQLiteLedger(Ledger):
                     delay = min(delay * 2, _BACKOFF_MAX)
                     continue
                 raise self._wrap(exc) from exc
+
+    def _run_now(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T | _Busy:
+        """Run ``fn`` in one transaction on the calling thread if the ledger is free at once;
+        else change nothing and return ``BUSY`` (never waits: safe on an event loop)."""
+        writer = _writer_lock(self.path) if write and not self._memory else None
+        if writer is not None and not writer.try_acquire():
+            return BUSY
+        try:
+            locked = self._lock if isinstance(self._lock, _LOCK_TYPE) else None
+            if locked is not None and not locked.acquire(blocking=False):
+                return BUSY
+            try:
+                conn = self._conn(fast=True)
+                try:
+                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    try:
+                        result = fn(conn)
+                        conn.execute("COMMIT")
+                    finally:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                except sqlite3.Error as exc:
+                    if _is_busy(exc):
+                        return BUSY
+                    raise self._wrap(exc) from exc
+                return result
+            finally:
+                if locked is not None:
+                    locked.release()
+        finally:
+            if writer is not None:
+                writer.release()
+
+    async def _arun(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+        """Async :meth:`_run`: at once when the ledger is free (a transaction takes ~0.1 ms,
+        less than a hop to a worker thread and back), else in a worker thread that waits."""
+        result = self._run_now(fn, write=write)
+        if isinstance(result, _Busy):
+            return await _to_thread(self._run, fn, write=write)
+        return result
 
     def _wrap(self, exc: sqlite3.Error) -> LedgerError:
         text = str(exc)
@@ -478,7 +554,28 @@ class SQLiteLedger(Ledger):
         Reserving an id that already holds replaces its hold (its old hold does not count
         against the new check), so a retried reserve never holds twice.
         """
+        return self._run(self._reserve_tx(reservation_id, lines, amounts, now, expires_at))
 
+    async def areserve(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        *,
+        now: float,
+        expires_at: float,
+    ) -> ReserveResult:
+        """Async :meth:`reserve` (at once when the file is free: no thread hop)."""
+        return await self._arun(self._reserve_tx(reservation_id, lines, amounts, now, expires_at))
+
+    def _reserve_tx(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        now: float,
+        expires_at: float,
+    ) -> Callable[[sqlite3.Connection], ReserveResult]:
         def tx(conn: sqlite3.Connection) -> ReserveResult:
             conn.execute(_PURGE_HOLDS, (now,))
             states = self._states(conn, lines, now, exclude=reservation_id)
@@ -491,7 +588,7 @@ class SQLiteLedger(Ledger):
                 )
             return ReserveResult(ok=ok, states=states)
 
-        return self._run(tx)
+        return tx
 
     def settle(
         self,
@@ -507,6 +604,31 @@ class SQLiteLedger(Ledger):
 
         Only the ``watch`` lines (all when None) are read back; the others' states are None.
         """
+        return self._run(self._settle_tx(reservation_id, lines, amounts, record, now, watch))
+
+    async def asettle(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        record: UsageRecord,
+        *,
+        now: float,
+        watch: Sequence[int] | None = None,
+    ) -> SettleResult:
+        """Async :meth:`settle` (at once when the file is free: no thread hop)."""
+        tx = self._settle_tx(reservation_id, lines, amounts, record, now, watch)
+        return await self._arun(tx)
+
+    def _settle_tx(
+        self,
+        reservation_id: str,
+        lines: Sequence[Line],
+        amounts: Amounts,
+        record: UsageRecord,
+        now: float,
+        watch: Sequence[int] | None,
+    ) -> Callable[[sqlite3.Connection], SettleResult]:
         watched = range(len(lines)) if watch is None else sorted(set(watch))
 
         def after(conn: sqlite3.Connection) -> tuple[LineState | None, ...]:
@@ -532,21 +654,32 @@ class SQLiteLedger(Ledger):
                 self._next_prune = now + PRUNE_EVERY
             return SettleResult(applied=True, states=after(conn))
 
-        return self._run(tx)
+        return tx
 
     def release(self, reservation_id: str, *, now: float) -> bool:
         """Drop the hold; True if a live (unexpired) hold was removed."""
+        return self._run(self._release_tx(reservation_id, now))
 
+    async def arelease(self, reservation_id: str, *, now: float) -> bool:
+        """Async :meth:`release` (at once when the file is free)."""
+        return await self._arun(self._release_tx(reservation_id, now))
+
+    @staticmethod
+    def _release_tx(reservation_id: str, now: float) -> Callable[[sqlite3.Connection], bool]:
         def tx(conn: sqlite3.Connection) -> bool:
             live = conn.execute(_DELETE_LIVE_HOLDS, (reservation_id, now)).rowcount
             conn.execute(_DELETE_HOLDS, (reservation_id,))
             return live > 0
 
-        return self._run(tx)
+        return tx
 
     def status(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
         """Spent and held per line, read in one snapshot (expired holds do not count)."""
         return self._run(lambda conn: self._states(conn, lines, now), write=False)
+
+    async def astatus(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
+        """Async :meth:`status` (at once: a read never waits for writers in WAL mode)."""
+        return await self._arun(lambda conn: self._states(conn, lines, now), write=False)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -559,14 +692,27 @@ class SQLiteLedger(Ledger):
         """True for the first claim of ``alert_key``; the row is pruned once long expired."""
         return self._run(lambda c: c.execute(_CLAIM_ALERT, (alert_key, expires_at)).rowcount > 0)
 
+    async def aclaim_alert(self, alert_key: str, *, expires_at: float | None) -> bool:
+        """Async :meth:`claim_alert` (at once when the file is free)."""
+        return await self._arun(
+            lambda c: c.execute(_CLAIM_ALERT, (alert_key, expires_at)).rowcount > 0
+        )
+
     def append_usage(self, record: UsageRecord) -> None:
         """Log a record with no spend (a refused call); it is never taken as a settle."""
 
+        self._run(self._append_tx(record))
+
+    async def aappend_usage(self, record: UsageRecord) -> None:
+        """Async :meth:`append_usage` (at once when the file is free)."""
+        await self._arun(self._append_tx(record))
+
+    def _append_tx(self, record: UsageRecord) -> Callable[[sqlite3.Connection], None]:
         def tx(conn: sqlite3.Connection) -> None:
             cur = conn.execute(_INSERT_USAGE, (None, *self._record_row(record)))
             self._insert_scopes(conn, cur.lastrowid, record)
 
-        self._run(tx)
+        return tx
 
     def usage(
         self,
