@@ -7,8 +7,6 @@ docstring. Time is injected (``now``), never slept.
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, cast
 from zoneinfo import ZoneInfo
@@ -28,7 +26,7 @@ from tb_plugins.core.usage import (
     usd_to_nano,
 )
 from tb_plugins.core.windows import parse_window
-from tb_plugins.errors import ConfigError, LedgerUnavailable
+from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
 from tb_plugins.ledger import Ledger, Line, LineState, ledger_from_url, line_key
 
 UTC = ZoneInfo("UTC")
@@ -563,14 +561,83 @@ def test_sqlite_errors_are_wrapped_and_name_the_file(tmp_path: Path) -> None:
         assert led.reserve("r1", [line("user:a")], cost(1), now=T0, expires_at=T0 + TTL).ok
 
 
-def test_sqlite_utils_is_imported_only_to_create_a_new_file(tmp_path: Path) -> None:
-    """Importing the backend, or opening an existing file, does not import sqlite-utils."""
-    path = tmp_path / "ledger.db"
-    ledger_from_url(f"sqlite:///{path}").close()
-    code = (
-        "import sys, tb_plugins.ledger.sqlite\n"
-        "assert 'sqlite_utils' not in sys.modules\n"
-        f"tb_plugins.ledger.ledger_from_url('sqlite:///{path}').close()\n"
-        "assert 'sqlite_utils' not in sys.modules\n"
+# The schema tb-plugins 0.1 wrote (version 1), as sqlite-utils created it.
+_V1_SCHEMA = """
+CREATE TABLE [counters] ([key] TEXT NOT NULL, [bucket] INTEGER NOT NULL, [scope] TEXT,
+  [window] TEXT, [tokens] INTEGER NOT NULL, [input_tokens] INTEGER NOT NULL,
+  [output_tokens] INTEGER NOT NULL, [usd] INTEGER NOT NULL, [requests] INTEGER NOT NULL,
+  [calls] INTEGER NOT NULL, [expires_at] FLOAT, PRIMARY KEY ([key], [bucket]));
+CREATE TABLE [holds] ([reservation_id] TEXT NOT NULL, [key] TEXT NOT NULL,
+  [bucket] INTEGER NOT NULL, [tokens] INTEGER NOT NULL, [input_tokens] INTEGER NOT NULL,
+  [output_tokens] INTEGER NOT NULL, [usd] INTEGER NOT NULL, [requests] INTEGER NOT NULL,
+  [calls] INTEGER NOT NULL, [expires_at] FLOAT NOT NULL);
+CREATE INDEX [idx_holds_key_bucket] ON [holds] ([key], [bucket]);
+CREATE INDEX [idx_holds_reservation_id] ON [holds] ([reservation_id]);
+CREATE INDEX [idx_holds_expires_at] ON [holds] ([expires_at]);
+CREATE TABLE [usage] ([id] INTEGER PRIMARY KEY, [ts] FLOAT NOT NULL, [reservation_id] TEXT,
+  [settled_id] TEXT, [scopes] TEXT, [model] TEXT, [requested_model] TEXT,
+  [action] TEXT NOT NULL, [input_tokens] INTEGER, [output_tokens] INTEGER,
+  [cached_input_tokens] INTEGER, [usd] FLOAT, [priced] INTEGER, [estimated] INTEGER,
+  [extra] TEXT);
+CREATE UNIQUE INDEX [idx_usage_settled_id] ON [usage] ([settled_id]);
+CREATE INDEX [idx_usage_ts] ON [usage] ([ts]);
+CREATE TABLE [usage_scopes] ([scope] TEXT, [usage_id] INTEGER, PRIMARY KEY ([scope], [usage_id]));
+CREATE TABLE [alerts] ([key] TEXT PRIMARY KEY, [expires_at] FLOAT);
+CREATE TABLE [meta] ([key] TEXT PRIMARY KEY, [value] TEXT);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+
+
+def test_a_version_1_sqlite_file_is_migrated_with_its_spend_holds_and_log(tmp_path: Path) -> None:
+    """A file written by tb-plugins 0.1 opens: counters, live holds and the usage log carry
+    over, reports by scope still work, and the file says version 2 afterwards."""
+    from tb_plugins.ledger.sqlite import SCHEMA_VERSION
+
+    path = tmp_path / "v1.db"
+    ln = line("team:a", tokens=1000)
+    old = sqlite3.connect(path)
+    old.executescript(_V1_SCHEMA)
+    old.execute(
+        "INSERT INTO counters VALUES (?, ?, ?, ?, 300, 200, 100, 0, 2, 2, ?)",
+        (ln.key, ln.bucket, ln.scope, ln.window, ln.expires_at),
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    old.execute(
+        "INSERT INTO holds VALUES ('live', ?, ?, 50, 50, 0, 0, 1, 1, ?)",
+        (ln.key, ln.bucket, T0 + TTL),
+    )
+    old.execute(
+        "INSERT INTO usage (ts, reservation_id, settled_id, scopes, model, requested_model,"
+        " action, input_tokens, output_tokens, cached_input_tokens, usd, priced, estimated,"
+        " extra) VALUES (?, 'r0', 'r0', '[\"global\", \"team:a\"]', 'gpt-4o', 'gpt-4o',"
+        " 'allow', 200, 100, 0, 0.01, 1, 0, '{}')",
+        (T0,),
+    )
+    old.commit()
+    old.close()
+
+    ledger = ledger_from_url(f"sqlite:///{path}")
+    (st,) = ledger.status([ln], now=T0)
+    assert st.spent[0] == 300 and st.held[0] == 50
+    assert not ledger.reserve("big", [ln], cost(651), now=T0, expires_at=T0 + TTL).ok
+    assert [r.key for r in ledger.usage(scope="team:a")] == ["global", "team:a"]
+    assert ledger.settle("live", [ln], cost(60), record("live", ("team:a",)), now=T0).applied
+    assert ledger.status([ln], now=T0)[0].held[0] == 0
+    ledger.close()
+    check = sqlite3.connect(path)
+    tables = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "usage_scopes" not in tables
+    assert check.execute("SELECT value FROM meta").fetchone() == (str(SCHEMA_VERSION),)
+    assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    check.close()
+
+
+def test_a_sqlite_file_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A file written by a newer tb-plugins is not touched: the error says to upgrade."""
+    path = tmp_path / "new.db"
+    ledger_from_url(f"sqlite:///{path}").close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(LedgerError, match="schema version 99, newer"):
+        ledger_from_url(f"sqlite:///{path}")

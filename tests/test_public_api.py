@@ -39,7 +39,6 @@ HEAVY = (
     "langgraph",
     "redis",
     "psycopg",
-    "sqlite_utils",
     "tiktoken",
     "pydantic_core._pydantic_core_never",
 )

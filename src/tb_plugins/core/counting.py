@@ -444,11 +444,26 @@ class _History:
             return 0
 
 
+_ATOMS = frozenset({str, int, float, bool, type(None)})
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of JSON-like data, several times cheaper than ``copy.deepcopy``."""
+    kind = type(value)
+    if kind in _ATOMS:
+        return value
+    if kind is dict:
+        return {k: v if type(v) in _ATOMS else _copy(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _ATOMS else _copy(v) for v in value]
+    return copy.deepcopy(value)
+
+
 def _snapshot(message: Mapping[Any, Any]) -> dict[Any, Any]:
     for value in message.values():
         if value is not None and type(value) is not str:
             # Nested lists and dicts can be mutated in place by the caller later.
-            return copy.deepcopy(dict(message))
+            return {k: _copy(v) for k, v in message.items()}
     return dict(message)
 
 

@@ -1,24 +1,29 @@
 """The embedded ledger: one SQLite file shared by every process on a host.
 
-The schema is created with sqlite-utils (imported only when a file needs it); the hot path is
-raw :mod:`sqlite3`. Every reserve, settle and release is one ``BEGIN IMMEDIATE`` transaction,
-so many processes on one file never over-admit: SQLite serializes the writers, and a writer
-that finds the file locked waits (busy timeout) and then retries with a bounded backoff.
+Plain :mod:`sqlite3`. Every reserve, settle and release is one ``BEGIN IMMEDIATE``
+transaction, so many processes on one file never over-admit: SQLite serializes the writers,
+and a writer that finds the file locked waits (busy timeout) and then retries with a bounded
+backoff. The async twins run the transaction at once on the event loop's thread when the file
+is free (about 0.1 ms, cheaper than a hop to a worker thread), and in a worker when it is not.
 
-Tables::
+Tables (schema version 2)::
 
     counters(key, bucket, scope, window, <6 units>, expires_at)  PK (key, bucket)
-    holds(reservation_id, key, bucket, <6 units>, expires_at)     live reservations
+    holds(key, bucket, reservation_id, <6 units>, expires_at)     live reservations,
+        PK (key, bucket, reservation_id), and an index by reservation_id
     usage(id, ts, reservation_id, settled_id UNIQUE, scopes, model, ...)  the usage log;
         settled_id is the reservation id of a settle (NULL for refused calls), so the log
-        is also the set of settled ids that makes settle idempotent
-    usage_scopes(scope, usage_id)                                 one row per scope of a record
+        is also the set of settled ids that makes settle idempotent; scopes is a JSON list
     alerts(key, expires_at)                                       alerts already claimed
     meta(key, value)                                              schema_version
 
+``counters`` and ``holds`` are ``WITHOUT ROWID`` tables: reading a line's state is one range
+of a primary key that holds the sums itself. A version 1 file (tb-plugins 0.1) is migrated
+in place the first time a newer process opens it.
+
 The WAL journal and ``synchronous=NORMAL`` keep a commit cheap (no fsync per call; a power
 loss may drop the last few commits, never corrupt the file), and 1 KiB pages keep the WAL
-small, since a settle dirties about ten pages. Connections are per thread and reopened in a
+small, since a settle dirties a few pages. Connections are per thread and reopened in a
 forked child (by an ``os.register_at_fork`` hook, and a pid check behind it).
 
 Example:
@@ -65,13 +70,67 @@ class _Busy:
 
 BUSY = _Busy()
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PAGE_SIZE = 1024  # bytes, for new files
 PRUNE_EVERY = 600.0  # seconds of ledger time between two prunes of dead counters and alerts
 PRUNE_GRACE = 86_400.0  # a counter or alert is deleted this long after it stopped being read
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.0005, 0.05  # seconds, retry of a locked file (with jitter)
 
 _UNIT_COLS = ", ".join(UNITS)
+
+# -- the schema ----------------------------------------------------------------------------------
+
+_UNIT_DEFS = ", ".join(f"{u} INTEGER NOT NULL" for u in UNITS)
+_COUNTERS = f"""
+CREATE TABLE counters (
+  key TEXT NOT NULL, bucket INTEGER NOT NULL, scope TEXT NOT NULL, window TEXT NOT NULL,
+  {_UNIT_DEFS}, expires_at REAL,
+  PRIMARY KEY (key, bucket)
+) WITHOUT ROWID
+"""
+# Keyed by line first: a state read is a range of the primary key, holding its own sums.
+_HOLDS = f"""
+CREATE TABLE holds (
+  key TEXT NOT NULL, bucket INTEGER NOT NULL, reservation_id TEXT NOT NULL,
+  {_UNIT_DEFS}, expires_at REAL NOT NULL,
+  PRIMARY KEY (key, bucket, reservation_id)
+) WITHOUT ROWID
+"""
+_HOLDS_INDEX = "CREATE INDEX idx_holds_reservation_id ON holds (reservation_id)"
+_SCHEMA = (
+    _COUNTERS,
+    _HOLDS,
+    _HOLDS_INDEX,
+    """
+CREATE TABLE usage (
+  id INTEGER PRIMARY KEY, ts REAL NOT NULL, reservation_id TEXT, settled_id TEXT,
+  scopes TEXT, model TEXT, requested_model TEXT, action TEXT NOT NULL,
+  input_tokens INTEGER, output_tokens INTEGER, cached_input_tokens INTEGER,
+  usd REAL, priced INTEGER, estimated INTEGER, extra TEXT
+)
+""",
+    "CREATE UNIQUE INDEX idx_usage_settled_id ON usage (settled_id)",
+    "CREATE INDEX idx_usage_ts ON usage (ts)",
+    "CREATE TABLE alerts (key TEXT PRIMARY KEY, expires_at REAL)",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
+)
+# Version 1 (tb-plugins 0.1): rowid tables with secondary indexes, and a usage_scopes table.
+_MIGRATE_FROM_1 = (
+    "ALTER TABLE counters RENAME TO counters_v1",
+    _COUNTERS,
+    f"INSERT INTO counters SELECT key, bucket, scope, window, {_UNIT_COLS}, expires_at"
+    " FROM counters_v1",
+    "DROP TABLE counters_v1",
+    "ALTER TABLE holds RENAME TO holds_v1",
+    _HOLDS,
+    f"INSERT OR REPLACE INTO holds SELECT key, bucket, reservation_id, {_UNIT_COLS},"
+    " expires_at FROM holds_v1",
+    "DROP TABLE holds_v1",
+    _HOLDS_INDEX,
+    "DROP TABLE IF EXISTS usage_scopes",
+)
+_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
+_SET_VERSION = "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)"
 
 # -- the hot path: constant SQL ----------------------------------------------------------------
 
@@ -122,11 +181,11 @@ _INSERT_USAGE = f"""
 INSERT INTO usage (settled_id, {_RECORD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (settled_id) DO NOTHING
 """
-_INSERT_USAGE_SCOPE = "INSERT OR IGNORE INTO usage_scopes (scope, usage_id) VALUES (?, ?)"
 _PRUNE = (
     "DELETE FROM counters WHERE expires_at < ?",
     "DELETE FROM alerts WHERE expires_at < ?",
 )
+# Expired holds never count (the state read skips them); dropping them is housekeeping.
 _CLAIM_ALERT = "INSERT INTO alerts (key, expires_at) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
 _SCOPES = "SELECT DISTINCT scope, window FROM counters ORDER BY scope, window"
 _RECORDS = f"""
@@ -143,12 +202,11 @@ SELECT {key} AS k,
        sum(CASE WHEN u.action != 'deny' THEN u.usd ELSE 0 END)
   FROM usage u {join}
  WHERE (:since IS NULL OR u.ts >= :since) AND (:until IS NULL OR u.ts < :until)
-   AND (:scope IS NULL OR EXISTS
-        (SELECT 1 FROM usage_scopes f WHERE f.usage_id = u.id AND f.scope = :scope))
+   AND (:scope IS NULL OR EXISTS (SELECT 1 FROM json_each(u.scopes) f WHERE f.value = :scope))
  GROUP BY k ORDER BY k
 """
 _USAGE: dict[str, str] = {
-    "scope": _USAGE_TEMPLATE.format(key="s.scope", join="JOIN usage_scopes s ON s.usage_id = u.id"),
+    "scope": _USAGE_TEMPLATE.format(key="s.value", join="JOIN json_each(u.scopes) s"),
     "model": _USAGE_TEMPLATE.format(key="u.model", join=""),
     "day": _USAGE_TEMPLATE.format(key="strftime('%Y-%m-%d', u.ts, 'unixepoch')", join=""),
 }
@@ -229,6 +287,12 @@ if hasattr(os, "register_at_fork"):  # POSIX
 _LOCK_TYPE = type(threading.Lock())
 _BUSY_MARKERS = ("database is locked", "database table is locked", "database is busy")
 _UNAVAILABLE_MARKERS = ("unable to open", "disk i/o error", "readonly", "read-only")
+
+
+@functools.lru_cache(maxsize=1024)
+def _scopes_json(scopes: tuple[str, ...]) -> str:
+    """A record's scopes as a JSON list, each once (a report counts a record once per scope)."""
+    return json.dumps(list(dict.fromkeys(scopes)), ensure_ascii=False)
 
 
 def _fits(line: Line, state: LineState, amounts: Amounts) -> bool:
@@ -457,60 +521,27 @@ class SQLiteLedger(Ledger):
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         with contextlib.suppress(sqlite3.OperationalError):  # no meta table yet
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is not None:
+            if row is not None and int(row[0]) >= SCHEMA_VERSION:
                 self._check_version(int(row[0]))
                 return
-        import sqlite_utils
-
-        db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
         if not self._memory:
-            # Small pages: a settle dirties ~10 pages, and the WAL writes each one whole.
+            # Small pages: a settle dirties a few pages, and the WAL writes each one whole.
             conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # only takes on a new, empty file
-            db.enable_wal()
-        units = dict.fromkeys(UNITS, int)
+            conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("BEGIN IMMEDIATE")
         try:
-            db.create_table(
-                "counters",
-                {"key": str, "bucket": int, "scope": str, "window": str, **units,
-                 "expires_at": float},
-                pk=("key", "bucket"), not_null=["key", "bucket", *UNITS],
-                if_not_exists=True,
-            )  # fmt: skip
-            holds = db.create_table(
-                "holds",
-                {"reservation_id": str, "key": str, "bucket": int, **units, "expires_at": float},
-                not_null=["reservation_id", "key", "bucket", *UNITS, "expires_at"],
-                if_not_exists=True,
-            )
-            holds.create_index(["key", "bucket"], if_not_exists=True)
-            holds.create_index(["reservation_id"], if_not_exists=True)
-            holds.create_index(["expires_at"], if_not_exists=True)
-            usage = db.create_table(
-                "usage",
-                {"id": int, "ts": float, "reservation_id": str, "settled_id": str,
-                 "scopes": str, "model": str, "requested_model": str, "action": str,
-                 "input_tokens": int, "output_tokens": int, "cached_input_tokens": int,
-                 "usd": float, "priced": int, "estimated": int, "extra": str},
-                pk="id", not_null=["ts", "action"], if_not_exists=True,
-            )  # fmt: skip
-            usage.create_index(["settled_id"], unique=True, if_not_exists=True)
-            usage.create_index(["ts"], if_not_exists=True)
-            db.create_table(  # the primary key doubles as the index by scope
-                "usage_scopes",
-                {"scope": str, "usage_id": int},
-                pk=("scope", "usage_id"),
-                if_not_exists=True,
-            )
-            db.create_table(
-                "alerts", {"key": str, "expires_at": float}, pk="key", if_not_exists=True
-            )
-            db.create_table("meta", {"key": str, "value": str}, pk="key", if_not_exists=True)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            row = None
+            with contextlib.suppress(sqlite3.OperationalError):  # no meta table yet
+                row = conn.execute(_VERSION).fetchone()
+            if row is None:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(_SET_VERSION, (str(SCHEMA_VERSION),))
+            elif int(row[0]) == 1:
+                for statement in _MIGRATE_FROM_1:
+                    conn.execute(statement)
+                conn.execute(_SET_VERSION, (str(SCHEMA_VERSION),))
+            row = conn.execute(_VERSION).fetchone()
             conn.execute("COMMIT")
         finally:
             if conn.in_transaction:
@@ -577,7 +608,6 @@ class SQLiteLedger(Ledger):
         expires_at: float,
     ) -> Callable[[sqlite3.Connection], ReserveResult]:
         def tx(conn: sqlite3.Connection) -> ReserveResult:
-            conn.execute(_PURGE_HOLDS, (now,))
             states = self._states(conn, lines, now, exclude=reservation_id)
             ok = all(_fits(line, state, amounts) for line, state in zip(lines, states, strict=True))
             if ok:
@@ -642,7 +672,6 @@ class SQLiteLedger(Ledger):
             cur = conn.execute(_INSERT_USAGE, (reservation_id, *self._record_row(record)))
             if cur.rowcount == 0:
                 return SettleResult(applied=False, states=after(conn))
-            self._insert_scopes(conn, cur.lastrowid, record)
             conn.execute(_DELETE_HOLDS, (reservation_id,))
             conn.executemany(
                 _UPSERT_COUNTER,
@@ -651,6 +680,7 @@ class SQLiteLedger(Ledger):
             if now >= self._next_prune:
                 for sql in _PRUNE:
                     conn.execute(sql, (now - PRUNE_GRACE,))
+                conn.execute(_PURGE_HOLDS, (now,))
                 self._next_prune = now + PRUNE_EVERY
             return SettleResult(applied=True, states=after(conn))
 
@@ -709,8 +739,7 @@ class SQLiteLedger(Ledger):
 
     def _append_tx(self, record: UsageRecord) -> Callable[[sqlite3.Connection], None]:
         def tx(conn: sqlite3.Connection) -> None:
-            cur = conn.execute(_INSERT_USAGE, (None, *self._record_row(record)))
-            self._insert_scopes(conn, cur.lastrowid, record)
+            conn.execute(_INSERT_USAGE, (None, *self._record_row(record)))
 
         return tx
 
@@ -776,15 +805,11 @@ class SQLiteLedger(Ledger):
     @staticmethod
     def _record_row(r: UsageRecord) -> tuple[Any, ...]:
         return (
-            r.ts, r.reservation_id, json.dumps(list(r.scopes), ensure_ascii=False), r.model,
+            r.ts, r.reservation_id, _scopes_json(r.scopes), r.model,
             r.requested_model, r.action, r.input_tokens, r.output_tokens, r.cached_input_tokens,
             float(r.usd), int(r.priced), int(r.estimated),
-            json.dumps(r.extra, ensure_ascii=False, default=str),
+            json.dumps(r.extra, ensure_ascii=False, default=str) if r.extra else "{}",
         )  # fmt: skip
-
-    @staticmethod
-    def _insert_scopes(conn: sqlite3.Connection, usage_id: int | None, r: UsageRecord) -> None:
-        conn.executemany(_INSERT_USAGE_SCOPE, [(s, usage_id) for s in dict.fromkeys(r.scopes)])
 
     def close(self) -> None:
         """Close this process's connections (an in-memory ledger loses its data)."""
