@@ -569,3 +569,44 @@ def test_downgrade_hints_stay_small_and_do_not_leak_to_other_scopes() -> None:
     d = call(g, ["user:light"], max_tokens=5)
     assert (d.model, len(reserves)) == ("gpt-4o", 1)
     assert len(g._hints) == 1  # user:heavy's line only
+
+
+def test_a_reused_scope_path_follows_every_window_as_it_moves_on() -> None:
+    """Calls on the same path reuse its lines only while no window moves: a rolling bucket,
+    a day boundary and a run's idle expiry all take effect at their instant."""
+    clock = Clock(T0)
+    g = make(
+        [
+            {"scope": "team:*", "tokens": 10**6, "window": "day"},
+            {"scope": "user:*", "tokens": 10**6, "window": "rolling:1m"},
+            {"scope": "run:*", "calls": 100, "window": "total"},
+        ],
+        clock=clock,
+    )
+    path = ("team:a", "user:u", "run:r")
+
+    def lines() -> dict[str, Line]:
+        d = call(g, path)
+        g.release(d)
+        return {lp.line.scope: lp.line for lp in d.lines}
+
+    first = lines()
+    clock.t += 0.25  # same rolling bucket (1 s), same day: the very same lines
+    assert lines() == first
+    clock.t = float(int(T0) + 1)  # the rolling bucket moves on
+    moved = lines()
+    assert moved["user:u"].bucket == first["user:u"].bucket + 1
+    assert moved["team:a"].bucket == first["team:a"].bucket
+    d = call(g, path)
+    g.release(d)
+    reset = next(lp.resets_at for lp in d.lines if lp.line.scope == "team:a")
+    assert reset is not None
+    clock.t = reset - 0.001  # the day's last instant
+    before = lines()
+    assert before["team:a"].bucket == first["team:a"].bucket
+    clock.t = reset
+    assert lines()["team:a"].bucket != first["team:a"].bucket
+    run_expiry = lines()["run:r"].expires_at
+    clock.t += 61  # a run's idle expiry keeps moving with its calls
+    later = lines()["run:r"].expires_at
+    assert run_expiry is not None and later is not None and later >= run_expiry + 60

@@ -87,6 +87,7 @@ _HINT = "a budget is past its downgrade_at fraction"
 # A run or session is over once it stops calling: its never-resetting counters may be pruned
 # this long after its last charge, so per-run budgets do not grow the ledger forever.
 RUN_IDLE_EXPIRY = 7 * 86400.0
+_IDLE_EXPIRY_STEP = 60.0  # the idle expiry of run:/session: lines moves on in steps this long
 _EPHEMERAL_KINDS = ("run:", "session:")
 
 
@@ -225,6 +226,22 @@ class _LRU(OrderedDict[Any, Any]):
                 self.popitem(last=False)
         return value
 
+    def get_fresh(self, key: Any, now: float) -> Any:
+        """The value stored with a validity range ``(lo, hi, value)`` if ``now`` is in it."""
+        with self.lock:
+            entry = self.get(key)
+            if entry is None or not entry[0] <= now < entry[1]:
+                return None
+            self.move_to_end(key)
+            return entry[2]
+
+    def put(self, key: Any, value: Any) -> None:
+        with self.lock:
+            self[key] = value
+            self.move_to_end(key)
+            if len(self) > self.size:
+                self.popitem(last=False)
+
 
 class BudgetGuard:
     """Token budgets for every LLM call of a process, backed by a shared ledger.
@@ -288,6 +305,7 @@ class BudgetGuard:
         self._sinks.extend(alert_sinks)
         self._scope_templates = _LRU(16384)
         self._slots: dict[str, tuple[Slot, float, float]] = {}
+        self._path_lines = _LRU(4096)
         self._pending: list[_Pending] = []
         self._pending_lock = threading.Lock()
         self._last_flush = 0.0
@@ -501,11 +519,12 @@ class BudgetGuard:
 
         return self._scope_templates.get_or(scope, build)  # type: ignore[no-any-return]
 
-    def _slot(self, budget: Budget, now: float) -> Slot:
-        """The window slot for ``now``, reused until the bucket changes."""
+    def _slot(self, budget: Budget, now: float) -> tuple[Slot, float, float]:
+        """The window slot for ``now`` and the range of instants it holds for (reused until
+        the bucket changes)."""
         cached = self._slots.get(budget.window.spec)
         if cached is not None and cached[1] <= now < cached[2]:
-            return cached[0]
+            return cached
         slot = budget.window.slot(now, self._tz)
         if slot.width:  # rolling: the bucket moves every `width` seconds
             valid = (float(slot.bucket), float(slot.bucket + slot.width))
@@ -513,18 +532,29 @@ class BudgetGuard:
             valid = (float("-inf"), float("inf"))
         else:
             valid = (slot.start, slot.resets_at)
-        self._slots[budget.window.spec] = (slot, *valid)
-        return slot
+        entry = self._slots[budget.window.spec] = (slot, *valid)
+        return entry
 
-    def _lines(self, path: Sequence[str], now: float) -> tuple[LinePlan, ...]:
+    def _lines(
+        self, path: Sequence[str], now: float, *, cache: bool = True
+    ) -> tuple[LinePlan, ...]:
+        """The lines a call on ``path`` charges now (a call's path is reused while none of
+        its windows moves on)."""
+        if cache:
+            lines: tuple[LinePlan, ...] | None = self._path_lines.get_fresh(path, now)
+            if lines is not None:
+                return lines
+        lo, hi = float("-inf"), float("inf")
         out: list[LinePlan] = []
         for scope in path:
             ephemeral = scope.startswith(_EPHEMERAL_KINDS)
             for t in self._templates(scope):
-                slot = self._slot(t.budgets[0], now)
+                slot, start, end = self._slot(t.budgets[0], now)
+                lo, hi = max(lo, start), min(hi, end)
                 expires_at = slot.expires_at
                 if expires_at is None and ephemeral:
                     expires_at = now + RUN_IDLE_EXPIRY
+                    hi = min(hi, now + _IDLE_EXPIRY_STEP)
                 line = Line(
                     key=t.key,
                     scope=scope,
@@ -536,7 +566,10 @@ class BudgetGuard:
                     expires_at=expires_at,
                 )
                 out.append(LinePlan(line, t.budgets, t.names, slot.resets_at))
-        return tuple(out)
+        lines = tuple(out)
+        if cache:
+            self._path_lines.put(path, (lo, hi, lines))
+        return lines
 
     # -- estimates -------------------------------------------------------------------------
 
@@ -1079,7 +1112,7 @@ class BudgetGuard:
 
     def _status_lines(self, scope: str | None, now: float) -> tuple[LinePlan, ...]:
         if scope is not None:
-            return self._lines([scope], now)
+            return self._lines([scope], now, cache=False)
         scopes: list[str] = []
         for b in self.budgets:
             if not b.is_pattern and b.pattern not in scopes:
@@ -1087,7 +1120,7 @@ class BudgetGuard:
         for s, _window in self.ledger.scopes():
             if s not in scopes and any(b.matches(s) for b in self.budgets):
                 scopes.append(s)
-        return self._lines(scopes, now)
+        return self._lines(scopes, now, cache=False)
 
     def _statuses(
         self, plans: Sequence[LinePlan], states: Sequence[LineState], now: float

@@ -206,7 +206,7 @@ def alerts_crossed(
     """
     out = []
     for lp, st in zip(lines, after, strict=True):
-        if st is None:
+        if st is None or not any(b.alerts for b in lp.budgets):
             continue
         before = LineState(
             spent=tuple(s - c for s, c in zip(st.spent, charged, strict=True)),  # type: ignore[arg-type]

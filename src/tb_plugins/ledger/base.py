@@ -165,7 +165,8 @@ class Ledger(abc.ABC):
     ) -> ReserveResult:
         """Hold ``amounts`` on every line if every limit of every line allows it; else nothing.
 
-        Purges holds that expired at or before ``now`` first. A limit allows the call when
+        Holds that expired at or before ``now`` do not count (a backend drops them when it
+        likes). A limit allows the call when
         ``spent + held + amount <= limit`` for that unit.
         """
 
