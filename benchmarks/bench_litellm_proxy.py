@@ -14,7 +14,8 @@ sends a distinct ~1,000-token prompt (so token counting is never a cache hit) an
 
 Only 127.0.0.1 is contacted; the number of requests is bounded by the options::
 
-    python benchmarks/bench_litellm_proxy.py [--latency-requests 400] [--throughput-requests 2400] [--rounds 8]
+    python benchmarks/bench_litellm_proxy.py [--latency-requests 400]
+        [--throughput-requests 2400] [--rounds 8]
 """
 
 from __future__ import annotations

@@ -9,11 +9,21 @@ at once. The ``global`` line's ``requests`` limit admits exactly K = 3/4 of the 
 table also shows the overshoot (admitted - K), which must be 0.
 
 Columns: cycles/s (attempts per second, all processes), p50/p99 of one admitted reserve+settle
-cycle, the floor (p50 of two bare round trips), and p50/floor (the target is <= 2.5).
+cycle, the floor (p50 of two bare round trips), and p50/floor (the target is <= 2.5). For
+PostgreSQL, ``commit`` is a second reference measured in the same run, right after the floor and
+also from every process at once: the p50 of one durable commit of a 1-row INSERT (its own
+connection, ``synchronous_commit=on``), i.e. the WAL flush (fsync) a durable settle waits for on
+this machine. Redis rows show ``-`` there.
 
-``pg-async`` is the PostgreSQL ledger with ``synchronous_commit=off`` for its sessions (passed
-through the URL's libpq ``options``): a settle then returns before its WAL record is flushed to
-disk. It shows how much of a PostgreSQL settle is the fsync of its commit.
+The settle reads back the states of the lines named by ``--watch``, as the guard does (it passes
+only the lines that have alert thresholds, often none or one of the 4): by default line 0
+(``global``); ``--watch all`` reads back every line, ``--watch none`` none.
+
+``postgres`` is the PostgreSQL ledger as shipped: a reservation commits without waiting for the
+WAL flush (a hold is transient), a settle commits durably. ``pg-async`` is the same ledger opened
+with the URL option ``?synchronous_commit=off``: settles too return before their WAL record is
+flushed to disk, so a crash of the database server may lose the last fraction of a second of
+settled spend. Together they show how much of a PostgreSQL settle is the fsync of its commit.
 
 Usage::
 
@@ -81,10 +91,27 @@ def floor_once(ledger: Any) -> float:
     return time.perf_counter() - start
 
 
+def commit_once(conn: Any, table: str) -> float:
+    """One durable commit of a 1-row INSERT (autocommit, synchronous_commit=on), in seconds."""
+    start = time.perf_counter()
+    conn.execute(f"INSERT INTO {table} VALUES (1)")  # type: ignore[arg-type]
+    return time.perf_counter() - start
+
+
 def worker(url: str, run: str, index: int, cycles: int, floors: int, limit: int,
-           barrier: Any, results: Any) -> None:  # fmt: skip
-    """A child: connect and warm up, then (all at once) the floor, then the cycles."""
+           watch: list[int] | None, commit_table: str | None, barrier: Any,
+           results: Any) -> None:  # fmt: skip
+    """A child: connect and warm up, then (all at once) the floor and the commit reference,
+    then the cycles."""
     ledger = ledger_from_url(url)
+    conn: Any = None
+    if commit_table is not None:
+        import psycopg
+
+        conn = psycopg.connect(url.split("?", 1)[0], autocommit=True)
+        conn.execute("SET synchronous_commit = on")
+        for _ in range(20):
+            commit_once(conn, commit_table)
     now = ledger.server_time() or time.time()
     lines = make_lines(run, index, limit, now)
     warm = make_lines(f"{run}-warm", index, 10**9, now)
@@ -96,6 +123,9 @@ def worker(url: str, run: str, index: int, cycles: int, floors: int, limit: int,
         ledger.release(f"warm-{index}-{i}", now=now)
     barrier.wait()
     floor = [floor_once(ledger) for _ in range(floors)]
+    commits = [] if conn is None else [commit_once(conn, commit_table or "") for _ in range(floors)]
+    if conn is not None:
+        conn.close()
     barrier.wait()
     latencies: list[float] = []
     admitted = 0
@@ -109,12 +139,12 @@ def worker(url: str, run: str, index: int, cycles: int, floors: int, limit: int,
                 requested_model="bench-model", action="allow", input_tokens=100,
                 output_tokens=20, usd=1.5e-6,
             )  # fmt: skip
-            ledger.settle(rid, lines, cost, record, now=now)
+            ledger.settle(rid, lines, cost, record, now=now, watch=watch)
             latencies.append(time.perf_counter() - t0)
             admitted += 1
     elapsed = time.perf_counter() - start
     ledger.close()
-    results.put((admitted, elapsed, latencies, floor, now))
+    results.put((admitted, elapsed, latencies, floor, now, commits))
 
 
 @dataclass
@@ -125,6 +155,7 @@ class Row:
     seconds: float
     latencies: list[float]
     floor: list[float]
+    commits: list[float]
     limit: int
     admitted: int
     counted: int
@@ -146,8 +177,13 @@ class Row:
     def floor_p50(self) -> float:
         return statistics.median(self.floor)
 
+    @property
+    def commit_p50(self) -> float | None:
+        return statistics.median(self.commits) if self.commits else None
 
-def run_one(backend: str, url: str, procs: int, cycles: int, floors: int) -> Row:
+
+def run_one(backend: str, url: str, procs: int, cycles: int, floors: int,
+            watch: list[int] | None, commit_table: str | None) -> Row:  # fmt: skip
     run = uuid.uuid4().hex[:8]
     attempts = procs * cycles
     limit = attempts * 3 // 4  # admits exactly this many; the rest must be refused
@@ -155,7 +191,10 @@ def run_one(backend: str, url: str, procs: int, cycles: int, floors: int) -> Row
     results = ctx.Queue()
     barrier = ctx.Barrier(procs + 1)
     children = [
-        ctx.Process(target=worker, args=(url, run, i, cycles, floors, limit, barrier, results))
+        ctx.Process(
+            target=worker,
+            args=(url, run, i, cycles, floors, limit, watch, commit_table, barrier, results),
+        )
         for i in range(procs)
     ]
     for child in children:
@@ -179,11 +218,24 @@ def run_one(backend: str, url: str, procs: int, cycles: int, floors: int) -> Row
         seconds=seconds,
         latencies=[x for o in outs for x in o[2]],
         floor=[x for o in outs for x in o[3]],
+        commits=[x for o in outs for x in o[5]],
         limit=limit,
         admitted=sum(o[0] for o in outs),
         counted=counted,
         held=held,
     )
+
+
+def make_commit_table(url: str) -> str:
+    """A 1-column table in the ledger's schema for the commit reference; returns its name."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    import psycopg
+
+    schema = dict(parse_qsl(urlsplit(url).query))["schema"]
+    with psycopg.connect(url.split("?", 1)[0], autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {schema}.bench_commit (x int)")  # type: ignore[arg-type]
+    return f"{schema}.bench_commit"
 
 
 def cleanup(backend: str, url: str, namespace: str) -> None:
@@ -218,21 +270,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", default="1,4,8", help="process counts, comma-separated")
     parser.add_argument("--cycles", type=int, default=400, help="cycles per process")
     parser.add_argument("--floor", type=int, default=200, help="floor samples per process")
+    parser.add_argument(
+        "--watch",
+        default="0",
+        help="lines a settle reads back: comma-separated indexes (0 = global), 'all' or 'none'; "
+        "default 0, like a guard with one alert line",
+    )
     args = parser.parse_args(argv)
+    watch: list[int] | None
+    if args.watch == "all":
+        watch = None
+    elif args.watch == "none":
+        watch = []
+    else:
+        watch = [int(i) for i in args.watch.split(",")]
     procs_list = [int(p) for p in args.procs.split(",")]
     namespace = f"tbbench_{uuid.uuid4().hex[:8]}"
     urls = {
         "redis": f"{args.redis}?prefix={namespace}",
         "postgres": f"{args.postgres}?schema={namespace}",
         # the same, with settles committed without waiting for the WAL flush (fsync)
-        "pg-async": f"{args.postgres}?schema={namespace}_a&options=-c%20synchronous_commit%3Doff",
+        "pg-async": f"{args.postgres}?schema={namespace}_a&synchronous_commit=off",
     }
     load = os.getloadavg()[0]
     print(f"{os.cpu_count()} CPUs, load average {load:.2f}; {args.cycles} cycles and "
-          f"{args.floor} floor samples per process; 4 lines per call\n")  # fmt: skip
+          f"{args.floor} floor samples per process; 4 lines per call; settle watch="
+          f"{args.watch}\n")  # fmt: skip
     header = (f"{'backend':<9}{'procs':>5}{'cycles/s':>10}{'p50 µs':>9}{'p99 µs':>9}"
-              f"{'floor µs':>10}{'p50/floor':>10}{'K':>7}{'admitted':>9}{'overshoot':>10}"
-              f"{'held':>6}")  # fmt: skip
+              f"{'floor µs':>10}{'commit µs':>10}{'p50/floor':>10}{'K':>7}{'admitted':>9}"
+              f"{'overshoot':>10}{'held':>6}")  # fmt: skip
     print(header)
     print("-" * len(header))
     failed = False
@@ -240,16 +306,20 @@ def main(argv: list[str] | None = None) -> int:
         url = urls[backend]
         try:
             ledger: Ledger = ledger_from_url(url)
-            ledger.ping()  # type: ignore[attr-defined]
+            ledger.ping()  # type: ignore[attr-defined]  # creates the schema
             ledger.close()
+            commit_table = None
+            if backend != "redis":
+                commit_table = make_commit_table(url)
             for procs in procs_list:
-                row = run_one(backend, url, procs, args.cycles, args.floor)
+                row = run_one(backend, url, procs, args.cycles, args.floor, watch, commit_table)
                 ratio = row.p50 / row.floor_p50
                 over = row.admitted - row.limit
                 failed |= over != 0 or row.counted != row.admitted or row.held != 0
+                commit = "-" if row.commit_p50 is None else f"{row.commit_p50 * 1e6:,.0f}"
                 print(f"{backend:<9}{procs:>5}{row.rate:>10,.0f}{row.p50 * 1e6:>9,.0f}"
-                      f"{row.p99 * 1e6:>9,.0f}{row.floor_p50 * 1e6:>10,.0f}{ratio:>9.2f}x"
-                      f"{row.limit:>7}{row.admitted:>9}{over:>10}{row.held:>6}",
+                      f"{row.p99 * 1e6:>9,.0f}{row.floor_p50 * 1e6:>10,.0f}{commit:>10}"
+                      f"{ratio:>9.2f}x{row.limit:>7}{row.admitted:>9}{over:>10}{row.held:>6}",
                       flush=True)  # fmt: skip
         finally:
             cleanup(backend, url, namespace if backend != "pg-async" else f"{namespace}_a")

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from tb_plugins.core.usage import REQUESTS, TOKENS, ZERO, amounts
+from tb_plugins.core.usage import REQUESTS, TOKENS, ZERO, add, amounts
 from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
-from tb_plugins.ledger import ledger_from_url
+from tb_plugins.ledger import LineState, ledger_from_url
 from tb_plugins.ledger.postgres import SCHEMA_VERSION, PostgresLedger
 from test_shared_ledgers import (
     PG_DSN,
@@ -78,6 +78,24 @@ def test_url_options_and_keywords_configure_the_ledger() -> None:
     led.close()
 
 
+def test_synchronous_commit_comes_from_the_url_or_a_keyword() -> None:
+    """``synchronous_commit`` (URL query or keyword, which wins) becomes a setting of the
+    ledger's sessions; without it the server's own setting applies."""
+    led = ledger_from_url("postgresql://h/db?synchronous_commit=off")
+    assert isinstance(led, PostgresLedger)
+    assert led.synchronous_commit == "off"
+    assert "-c synchronous_commit=off" in led._conninfo
+    led.close()
+    led = ledger_from_url("postgresql://h/db?synchronous_commit=off", synchronous_commit="ON")
+    assert isinstance(led, PostgresLedger)
+    assert led.synchronous_commit == "on" and "-c synchronous_commit=on" in led._conninfo
+    led.close()
+    led = ledger_from_url("postgresql://h/db")
+    assert isinstance(led, PostgresLedger)
+    assert led.synchronous_commit is None and "synchronous_commit" not in led._conninfo
+    led.close()
+
+
 @pytest.mark.parametrize(
     ("url", "options", "message"),
     [
@@ -86,6 +104,8 @@ def test_url_options_and_keywords_configure_the_ledger() -> None:
         ("postgresql://h/db?schema=a;drop", {}, "lowercase"),
         ("postgresql://h/db?timeout=soon", {}, "not a duration"),
         ("postgresql://h/db?pool_min=5&pool_max=2", {}, "pool_min"),
+        ("postgresql://h/db?synchronous_commit=sometimes", {}, "synchronous_commit"),
+        ("postgresql://h/db", {"synchronous_commit": "no"}, "synchronous_commit must be one"),
     ],
 )
 def test_bad_options_are_refused_with_a_config_error(
@@ -111,6 +131,50 @@ def test_the_schema_is_created_on_first_use_and_versioned(
     tables = {r[0] for r in sql(
         "SELECT tablename FROM pg_tables WHERE schemaname = %s", pg_schema)}  # fmt: skip
     assert tables == {"meta", "lines", "counters", "holds", "usage", "usage_scopes", "alerts"}
+    persistence = dict(sql("SELECT relname, relpersistence FROM pg_class c JOIN pg_namespace n "
+                           "ON n.oid = c.relnamespace WHERE nspname = %s AND relkind = 'r'",
+                           pg_schema))  # fmt: skip
+    assert persistence.pop("holds") == "u"  # transient: not WAL-logged
+    assert set(persistence.values()) == {"p"}
+
+
+def test_an_older_schema_is_upgraded_in_place_keeping_its_data(pg_schema: str) -> None:
+    """A schema at version 1 (holds WAL-logged and indexed by expiry, no version-2 functions)
+    is upgraded by the first call of a newer ledger, under the setup lock: the version is
+    recorded, the holds table becomes unlogged, the spend and the live holds are kept, and the
+    upgraded ledger reserves and settles on them."""
+    first = ledger_from_url(pg_url(pg_schema))
+    ln = make_line("user:a", tokens=100)
+    amt = amounts(30, 0, 0)
+    first.settle("old", [ln], amt, usage_record("old", [ln], amt), now=T0)
+    assert first.reserve("held", [ln], amt, now=T0, expires_at=T0 + TTL).ok
+    first.close()
+    for statement in (
+        "ALTER TABLE holds SET LOGGED",
+        "CREATE INDEX holds_expires_at ON holds (expires_at)",
+        "ALTER TABLE counters RESET (fillfactor)",
+        "DROP FUNCTION tb_reserve2, tb_settle2, tb_release2, tb_states2",
+        "DROP AGGREGATE tb_sum(bigint)",
+        "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
+    ):
+        sql(statement, schema=pg_schema)
+    upgraded = ledger_from_url(pg_url(pg_schema))
+    try:
+        (state,) = upgraded.status([ln], now=T0)
+        assert (state.spent[TOKENS], state.held[TOKENS]) == (30, 30)
+        assert sql("SELECT value FROM meta", schema=pg_schema) == [(str(SCHEMA_VERSION),)]
+        assert sql("SELECT relpersistence FROM pg_class c JOIN pg_namespace n ON "
+                   "n.oid = c.relnamespace WHERE nspname = %s AND relname = 'holds'",
+                   pg_schema) == [("u",)]  # fmt: skip
+        assert sql("SELECT to_regclass('holds_expires_at')", schema=pg_schema) == [(None,)]
+        assert not upgraded.reserve("r2", [ln], amounts(41, 0, 0), now=T0,
+                                    expires_at=T0 + TTL).ok  # fmt: skip
+        rec = usage_record("held", [ln], amt)
+        assert upgraded.settle("held", [ln], amt, rec, now=T0).states == (
+            LineState(spent=add(amt, amt), held=ZERO),
+        )
+    finally:
+        upgraded.close()
 
 
 def test_many_processes_opening_a_new_schema_at_once_create_it_once(
@@ -220,6 +284,84 @@ def test_a_lock_held_past_the_timeout_is_ledger_unavailable_not_a_hang(
         assert time.monotonic() - start < 2 * ledger.timeout
         blocker.rollback()
     assert ledger.reserve("third", [ln], amounts(1, 0, 0), now=T0, expires_at=T0 + TTL).ok
+
+
+# -- durability and the hot path --------------------------------------------------------------
+
+
+def _commit_mode(ledger: PostgresLedger, statement: str, args: tuple[Any, ...]) -> str:
+    """The synchronous_commit in force at the end of ``statement``'s transaction (run in an
+    explicit transaction on one of the ledger's own sessions, then rolled back)."""
+
+    def run(conn: Any) -> str:
+        conn.execute("BEGIN")
+        try:
+            conn.execute(statement, args, binary=True)
+            mode: str = conn.execute("SHOW synchronous_commit").fetchone()[0]
+        finally:
+            conn.execute("ROLLBACK")
+        return mode
+
+    return ledger._run(run)
+
+
+def test_reserve_and_release_commit_asynchronously_and_settle_durably(
+    ledger: PostgresLedger, pg_schema: str
+) -> None:
+    """A reservation and a release switch synchronous_commit off for their own transaction
+    only; a settle keeps the session's setting (durable by default), unless the ledger was
+    opened with synchronous_commit=off."""
+    from tb_plugins.ledger import postgres as pg
+
+    ln = make_line("user:a", tokens=100)
+    amt = amounts(5, 0, 0)
+    ledger.status([ln], now=T0)
+    ledger.reserve("seed", [ln], amt, now=T0, expires_at=T0 + TTL)  # the line exists
+    reserve = ledger._reserve_args("r", [ln], amt, T0, T0 + TTL)
+    settle = ledger._settle_args("r", [ln], amt, usage_record("r", [ln], amt), T0, [0])
+    assert _commit_mode(ledger, pg._RESERVE, reserve) == "off"
+    assert _commit_mode(ledger, pg._RELEASE, (pg._sha("seed"), T0)) == "off"
+    assert _commit_mode(ledger, pg._SETTLE, settle) == "on"
+    assert ledger._one("SHOW synchronous_commit") == "on"  # nothing leaked into the session
+    fast = ledger_from_url(pg_url(pg_schema, synchronous_commit="off"))
+    assert isinstance(fast, PostgresLedger)
+    try:
+        assert _commit_mode(fast, pg._SETTLE, settle) == "off"
+        assert fast.settle("r", [ln], amt, usage_record("r", [ln], amt), now=T0).applied
+        assert fast.status([ln], now=T0)[0].spent[TOKENS] == 5
+    finally:
+        fast.close()
+
+
+def test_settle_reads_back_exactly_the_watched_lines(ledger: PostgresLedger) -> None:
+    """settle(watch=...) returns the state of each watched line (a line listed twice
+    included) and None for every other line; watch=None reads them all."""
+    a, b, c = make_line("team:a", tokens=100), make_line("user:b"), make_line("user:c", "hour")
+    amt = amounts(7, 0, 0)
+    lines = [a, b, c, a]
+    assert ledger.reserve("r1", lines, amt, now=T0, expires_at=T0 + TTL).ok
+    res = ledger.settle("r1", lines, amt, usage_record("r1", lines, amt), now=T0, watch=[1])
+    spent = LineState(spent=amt, held=ZERO)
+    assert res.applied and res.states == (None, spent, None, None)
+    again = ledger.settle("r1", lines, amt, usage_record("r1", lines, amt), now=T0, watch=[3])
+    assert not again.applied and again.states == (spent, None, None, spent)
+    none = ledger.settle("r2", lines, amt, usage_record("r2", lines, amt), now=T0, watch=[])
+    assert none.applied and none.states == (None, None, None, None)
+    every = ledger.settle("r3", lines, amt, usage_record("r3", lines, amt), now=T0)
+    three = LineState(spent=add(add(amt, amt), amt), held=ZERO)
+    assert every.applied and every.states == (three, three, three, three)
+
+
+def test_a_retried_reservation_on_other_lines_leaves_no_hold_behind(
+    ledger: PostgresLedger,
+) -> None:
+    """Reserving an id again on other lines moves its hold there; refused, it keeps the old."""
+    a, b = make_line("user:a", tokens=100), make_line("user:b", tokens=100)
+    assert ledger.reserve("r", [a], amounts(60, 0, 0), now=T0, expires_at=T0 + TTL).ok
+    assert ledger.reserve("r", [b], amounts(60, 0, 0), now=T0, expires_at=T0 + TTL).ok
+    assert [s.held[TOKENS] for s in ledger.status([a, b], now=T0)] == [0, 60]
+    assert not ledger.reserve("r", [a], amounts(101, 0, 0), now=T0, expires_at=T0 + TTL).ok
+    assert [s.held[TOKENS] for s in ledger.status([a, b], now=T0)] == [0, 60]
 
 
 # -- connections ---------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from tb_plugins.core.usage import TOKENS, ZERO, amounts
+from tb_plugins.core.usage import TOKENS, ZERO, add, amounts
 from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
-from tb_plugins.ledger import ledger_from_url
+from tb_plugins.ledger import LineState, ledger_from_url
 from tb_plugins.ledger.redis import RedisLedger
 from test_shared_ledgers import (
     REDIS_DB,
@@ -257,6 +257,24 @@ def test_a_rolling_line_keeps_only_the_buckets_its_window_reads(
     entries = len(client.hget(key, "C")) // (7 * 8)
     assert entries <= ln.span
     assert ledger.status([ln], now=T0 + 199)[0].spent[TOKENS] == ln.span
+
+
+def test_settle_reads_back_exactly_the_watched_lines(ledger: RedisLedger) -> None:
+    """settle(watch=...) returns the state of each watched line and None for every other line
+    (the script neither computes nor sends those); watch=None reads them all."""
+    a, b, c = make_line("team:a", tokens=100), make_line("user:b"), make_line("user:c", "hour")
+    amt = amounts(7, 0, 0)
+    lines = [a, b, c]
+    assert ledger.reserve("r1", lines, amt, now=T0, expires_at=T0 + TTL).ok
+    res = ledger.settle("r1", lines, amt, usage_record("r1", lines, amt), now=T0, watch=[1])
+    spent = LineState(spent=amt, held=ZERO)
+    assert res.applied and res.states == (None, spent, None)
+    again = ledger.settle("r1", lines, amt, usage_record("r1", lines, amt), now=T0, watch=[2, 0])
+    assert not again.applied and again.states == (spent, None, spent)
+    none = ledger.settle("r2", lines, amt, usage_record("r2", lines, amt), now=T0, watch=[])
+    assert none.applied and none.states == (None, None, None)
+    every = ledger.settle("r3", lines, amt, usage_record("r3", lines, amt), now=T0)
+    assert every.states == (LineState(spent=add(add(amt, amt), amt), held=ZERO),) * 3
 
 
 def test_counters_expire_after_their_window_and_total_ones_never(

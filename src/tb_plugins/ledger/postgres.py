@@ -2,34 +2,48 @@
 
 ``postgresql://user:password@host:port/dbname`` (or ``postgres://``). Options, in the URL query
 or as keywords: ``schema`` (default ``tb_plugins``), ``timeout`` (seconds, default 2),
-``pool_min`` and ``pool_max`` (connections per process, default 1 and 4). Other query
-parameters go to libpq unchanged (e.g. ``?sslmode=require&application_name=proxy-1``).
+``pool_min`` and ``pool_max`` (connections per process, default 1 and 4), and
+``synchronous_commit`` (see *Durability*). Other query parameters go to libpq unchanged (e.g.
+``?sslmode=require&application_name=proxy-1``).
 
 **Atomicity.** Each operation is one call of a PL/pgSQL function (``postgres_schema.sql``):
-one round trip, one transaction. A reservation first locks the rows of its lines in ``lines``
-with one ``SELECT … ORDER BY key_hash FOR UPDATE``, always in ascending order of the key's
-hash, then checks settled spend plus live holds against every limit and holds on every line or
-on none. Every transaction takes its line locks in that one order before touching anything
-else, so concurrent reservations queue but never deadlock. A line seen for the first time is
-added by ``INSERT … ON CONFLICT DO NOTHING`` in a short transaction of its own (holding no
-other lock), then the call is made again. Settle is idempotent through a unique index on the
-settled reservation id in the usage log. A hold stops counting the moment its ``expires_at``
-passes (every read filters on it), so the hold of a process that died returns after its TTL;
-expired holds are deleted by a prune that runs every ten minutes.
+one round trip, one transaction, one server-side prepared statement. Only a reservation checks
+limits, so only reservations must see each other: a reservation first locks the rows of its
+lines in ``lines`` with one ``SELECT … ORDER BY key_hash FOR UPDATE``, always in ascending
+order of the key's hash, then reads settled spend plus live holds in one snapshot taken after
+the locks, checks every limit and holds on every line or on none. Concurrent reservations of a
+line therefore queue, never admit more than a limit allows, and never deadlock. A settle or a
+release only removes a hold and adds spend, in one transaction that a reservation sees entirely
+or not at all, so it takes no line lock: its commit (a WAL flush, for a settle) never holds up
+the reservations of its lines. Settles of one line queue on its counter rows, locked in
+key-hash order. A line seen for the first time is added by ``INSERT … ON CONFLICT DO NOTHING``
+in a short transaction of its own (holding no other lock), then the call is made again. Settle
+is idempotent through a unique index on the settled reservation id in the usage log, and reads
+back only the lines it is asked to ``watch``. A hold stops counting the moment its
+``expires_at`` passes (every read filters on it), so the hold of a process that died returns
+after its TTL; expired holds are deleted by a prune that runs every ten minutes.
 
 **Schema.** Created on first use under an advisory lock, inside the schema ``schema`` (created
-too), and versioned in its ``meta`` table; a newer schema than this code knows is refused. Long
-scope names are found by the SHA-256 of their text (a btree entry holds at most ~2.7 kB), so a
-10 kB scope name works like a short one. The usage log is indexed by time for reports.
+too), and versioned in its ``meta`` table: a schema of an older version is upgraded in place
+(under the same lock; the functions of the older version stay, so processes still running the
+older code keep working until they restart), a newer one is refused. Long scope names are found
+by the SHA-256 of their text (a btree entry holds at most ~2.7 kB), so a 10 kB scope name works
+like a short one. The usage log is indexed by time for reports.
 
-**Durability.** A settle commits synchronously: once ``settle`` returns, the spend survives
-anything the database survives (a crash, a restart, a failover to a synchronous replica). A
-reservation or release commits with ``synchronous_commit = off``: a hold is short-lived, and a
-database crash may forget the holds of the last fraction of a second (the calls they admitted
-still settle their real spend). The synchronous commit is most of a settle's latency (one WAL
-flush); a deployment that prefers speed can pass ``options=-c synchronous_commit=off`` in the
-URL (``?options=-c%20synchronous_commit%3Doff``), and then a database crash may lose the
-settles of up to three times ``wal_writer_delay`` before it (600 ms by default).
+**Durability.** A settle commits synchronously by default: once ``settle`` returns, the spend
+survives anything the database survives (a crash, a restart, a failover to a synchronous
+replica). A reservation or release commits with ``synchronous_commit = off`` (set for its own
+transaction only), and the holds live in an ``UNLOGGED`` table (not written to the WAL, not
+replicated): a hold is transient, so a database crash or failover only forgets the holds of the
+calls in flight (the calls they admitted still settle their real spend). The synchronous commit
+is most of a settle's latency (one WAL flush). A deployment that prefers speed can open the
+ledger with ``synchronous_commit=off`` (``?synchronous_commit=off`` or the keyword; ``on``,
+``local``, ``remote_write`` and ``remote_apply`` are PostgreSQL's other values): every write of
+its sessions, settles included, then returns before its WAL record is flushed, and a crash of
+the *database server* (not of a client) may lose the spend settled in the last fraction of a
+second before it (up to three times ``wal_writer_delay``, 600 ms by default), like Redis
+without ``appendfsync always``. Without the option the server's own setting applies (``on``
+unless the DBA changed it).
 
 **Time.** :meth:`PostgresLedger.server_time` is the database's ``clock_timestamp()``, so guards
 on hosts with skewed clocks agree on window boundaries.
@@ -54,12 +68,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import math
 import os
 import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -77,7 +93,7 @@ __all__ = ["SCHEMA_SQL", "SCHEMA_VERSION", "PostgresLedger"]
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_SQL: str = (
     resources.files("tb_plugins.ledger").joinpath("postgres_schema.sql").read_text("utf-8")
 )
@@ -89,27 +105,34 @@ PRUNE_BATCH = 10_000
 _ADD_ATTEMPTS = 4  # calls of a write that finds a line missing (a prune may race the insert)
 BREAKER_SECONDS = 1.0  # after a connection wait timed out, fail at once for this long
 WATCHDOG_FACTOR = 1.5  # a call is cut after this many ledger timeouts (see _Watchdog)
-_OPTIONS = ("schema", "timeout", "pool_min", "pool_max")
+_OPTIONS = ("schema", "timeout", "pool_min", "pool_max", "synchronous_commit")
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_SYNCHRONOUS_COMMIT = ("on", "off", "local", "remote_write", "remote_apply")
 
 # -- the hot path: constant SQL (each a call of a function of postgres_schema.sql) ---------------
 
+# Parameters go in binary (%b). The arrays are packed here in PostgreSQL's binary array format
+# (see _array), so neither side parses text and psycopg adapts nothing element by element; the
+# states come back as one bytea (array_send) unpacked with one struct call. Every parameter has
+# a fixed type, so each statement keeps one server-side prepared plan.
 _RESERVE = (
-    "SELECT tb_reserve(%s::bytea, %s::bytea[], %s::int8[], %s::int8[], %s::int8[], "
-    "%s::int8[], %s::float8, %s::float8)"
+    "SELECT array_send(tb_reserve2(%b::bytea, %b::bytea[], %b::int8[], %b::int8[], "
+    "%b::int8[], %b::int8[], %b::float8, %b::float8))"
 )
 _RECORD_ARGS = (
-    "%s::float8, %s::text, %s::text, %s::text, %s::text, %s::text, %s::int8, %s::int8, "
-    "%s::int8, %s::float8, %s::bool, %s::bool, %s::text, %s::bytea[], %s::text[]"
+    "%b::float8, %b::text, %b::text, %b::text, %b::text, %b::text, %b::int8, %b::int8, "
+    "%b::int8, %b::float8, %b::bool, %b::bool, %b::text, %b::bytea[], %b::text[]"
 )
 _SETTLE = (
-    "SELECT tb_settle(%s::bytea, %s::bytea[], %s::int8[], %s::int8[], "
-    f"%s::float8[], %s::int8[], %s::float8, {_RECORD_ARGS})"
+    "SELECT array_send(tb_settle2(%b::bytea, %b::bytea[], %b::int8[], %b::int8[], "
+    f"%b::float8[], %b::int8[], %b::float8, %b::int4[], {_RECORD_ARGS}))"
 )
-_ADD_LINES = "SELECT tb_add_lines(%s::bytea[], %s::text[])"
+_ADD_LINES = "SELECT tb_add_lines(%b::bytea[], %b::text[])"
 _LOG = f"SELECT tb_log(NULL::bytea, {_RECORD_ARGS})"
-_RELEASE = "SELECT tb_release(%s::bytea, %s::float8)"
-_STATUS = "SELECT tb_states(%s::bytea[], %s::int8[], %s::int8[], %s::float8, NULL::bytea)"
+_RELEASE = "SELECT tb_release2(%b::bytea, %b::float8)"
+_STATUS = (
+    "SELECT array_send(tb_states2(%b::bytea[], %b::int8[], %b::int8[], %b::float8, %b::int4[]))"
+)
 _PRUNE = "SELECT tb_prune(%s::float8, %s::float8, %s::int4)"
 _CLAIM_ALERT = (
     "INSERT INTO alerts (key_hash, key, expires_at) VALUES (%s, %s, %s) "
@@ -229,22 +252,135 @@ _WATCHDOG = _Watchdog()
 os.register_at_fork(after_in_child=_WATCHDOG.reset)
 
 
+class _PgArray(bytes):
+    """An array parameter already in PostgreSQL's binary format; ``oid`` is its array type."""
+
+    __slots__ = ()
+    oid = 0
+
+
+class _Int8Array(_PgArray):
+    __slots__ = ()
+    oid = 1016
+
+
+class _Int4Array(_PgArray):
+    __slots__ = ()
+    oid = 1007
+
+
+class _Float8Array(_PgArray):
+    __slots__ = ()
+    oid = 1022
+
+
+class _ByteaArray(_PgArray):
+    __slots__ = ()
+    oid = 1001
+
+
+class _TextArray(_PgArray):
+    __slots__ = ()
+    oid = 1009
+
+
+_A = TypeVar("_A", bound=_PgArray)
+_I32 = struct.Struct(">i")
+_F64 = struct.Struct(">d")
+_NULL = b"\xff\xff\xff\xff"  # the length of a NULL element
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(n: int) -> struct.Struct:
+    """n (length, int8) pairs: the elements of an int8 array."""
+    return struct.Struct(">" + "iq" * n)
+
+
+def _head(elem_oid: int, dims: Sequence[int], nulls: bool = False) -> bytes:
+    """The header of a binary array: dimensions, null flag, element type, sizes and bounds."""
+    bounds = [x for d in dims for x in (d, 1)]
+    return struct.pack(f">iii{len(bounds)}i", len(dims), nulls, elem_oid, *bounds)
+
+
+def _int8s(values: Sequence[int], dims: Sequence[int] | None = None) -> _Int8Array:
+    """An int8[] parameter (``dims``: its shape, default 1-D)."""
+    n = len(values)
+    if not n:
+        return _Int8Array(_head(20, ()))
+    body = _pairs(n).pack(*[x for v in values for x in (8, v)])
+    return _Int8Array(_head(20, dims or (n,)) + body)
+
+
+def _array(cls: type[_A], elem_oid: int, items: Sequence[bytes | None]) -> _A:
+    """A 1-D array parameter of already encoded elements (None: NULL)."""
+    if not items:
+        return cls(_head(elem_oid, ()))
+    parts = [_head(elem_oid, (len(items),), any(x is None for x in items))]
+    parts += [_NULL if x is None else _I32.pack(len(x)) + x for x in items]
+    return cls(b"".join(parts))
+
+
+def _int8_values(packed: bytes | None) -> tuple[int, ...]:
+    """The elements of an int8 array as array_send gives it (any shape), in order."""
+    if not packed:
+        return ()
+    ndim = _I32.unpack_from(packed)[0]
+    start = 12 + 8 * ndim
+    values: tuple[int, ...] = _pairs((len(packed) - start) // 12).unpack_from(packed, start)
+    return values[1::2]
+
+
+_ADAPTERS: list[Any] = []
+
+
+def _adapters(pg: Any) -> Any:
+    """psycopg's adapters, plus: the packed arrays above go as they are, and every Python int
+    is dumped as an int8 (text and binary), so the statements always send the same parameter
+    types (one prepared plan each) and the server casts nothing."""
+    if not _ADAPTERS:
+        from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
+
+        class PackedDumper(pg.adapt.Dumper):  # type: ignore[misc]
+            format = pg.pq.Format.BINARY
+
+            def dump(self, obj: bytes) -> bytes:
+                return obj
+
+        adapters = pg.adapt.AdaptersMap(pg.adapters)
+        adapters.register_dumper(int, Int8Dumper)
+        adapters.register_dumper(int, Int8BinaryDumper)
+        for cls in (_Int8Array, _Int4Array, _Float8Array, _ByteaArray, _TextArray):
+            dumper = type(f"{cls.__name__}Dumper", (PackedDumper,), {"oid": cls.oid})
+            adapters.register_dumper(cls, dumper)
+        _ADAPTERS.append(adapters)
+    return _ADAPTERS[0]
+
+
 def _sha(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
-def _six(v: Sequence[int]) -> Amounts:
-    return (int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]))
+_short_sha = functools.lru_cache(maxsize=4096)(_sha)
 
 
-def _states(values: Sequence[int], index: Sequence[int]) -> tuple[LineState, ...]:
-    """Line states from 12 integers per distinct line, in the order ``index`` gives."""
-    return tuple(
-        LineState(
-            spent=_six(values[i * 12 : i * 12 + 6]), held=_six(values[i * 12 + 6 : i * 12 + 12])
-        )
-        for i in index
-    )
+def _key_sha(text: str) -> bytes:
+    """:func:`_sha` of a line key or scope: cached, as they recur from call to call (unless
+    long, to bound the cache's memory)."""
+    return _short_sha(text) if len(text) <= 256 else _sha(text)
+
+
+def _state(v: Sequence[int], at: int) -> LineState:
+    """The line state of the 12 integers from ``v[at]``: 6 spent, then 6 held."""
+    return LineState(spent=(v[at], v[at + 1], v[at + 2], v[at + 3], v[at + 4], v[at + 5]),
+                     held=(v[at + 6], v[at + 7], v[at + 8], v[at + 9], v[at + 10],
+                           v[at + 11]))  # fmt: skip
+
+
+def _states(v: Sequence[int], at: int, index: Sequence[int]) -> tuple[LineState, ...]:
+    """Line states from 12 integers per distinct line from ``v[at]``, in the order ``index``
+    gives."""
+    states = [_state(v, i) for i in range(at, len(v), 12)]
+    return tuple(states[i] for i in index)
 
 
 def _unique(lines: Sequence[Line], *, by_key: bool = True) -> tuple[list[Line], list[int]]:
@@ -262,24 +398,50 @@ def _unique(lines: Sequence[Line], *, by_key: bool = True) -> tuple[list[Line], 
     return unique, index
 
 
-def _columns(lines: Sequence[Line]) -> tuple[list[bytes], list[str], list[int], list[int]]:
-    """Key hashes, keys, buckets and lowest buckets of ``lines``."""
-    return (
-        [_sha(ln.key) for ln in lines],
-        [ln.key for ln in lines],
-        [ln.bucket for ln in lines],
-        [ln.lowest_bucket for ln in lines],
-    )
+def _keys(lines: Sequence[Line]) -> _TextArray:
+    return _array(_TextArray, 25, [ln.key.encode() for ln in lines])
+
+
+def _hashes(lines: Sequence[Line]) -> _ByteaArray:
+    return _array(_ByteaArray, 17, [_key_sha(ln.key) for ln in lines])
+
+
+@functools.lru_cache(maxsize=1024)
+def _scope_args(scopes: tuple[str, ...]) -> tuple[str, _ByteaArray, _TextArray]:
+    """The usage log's columns for a record's scopes: the JSON list, and the hash and escaped
+    name of each distinct scope (the same scope paths recur from call to call)."""
+    escaped = [quote(s, safe="") for s in dict.fromkeys(scopes)]
+    hashes = _array(_ByteaArray, 17, [_key_sha(s) for s in escaped])
+    return json.dumps(list(scopes)), hashes, _array(_TextArray, 25, [s.encode() for s in escaped])
 
 
 def _record_args(r: UsageRecord) -> tuple[Any, ...]:
-    escaped = [quote(s, safe="") for s in dict.fromkeys(r.scopes)]
+    path = tuple(r.scopes)
+    short = sum(map(len, path)) <= 1024  # cache only what bounds the cache's memory
+    scopes, hashes, escaped = (_scope_args if short else _scope_args.__wrapped__)(path)
+    extra = json.dumps(r.extra, default=str) if r.extra else "{}"
     return (
-        r.ts, r.reservation_id, json.dumps(list(r.scopes)), r.model, r.requested_model,
-        r.action, r.input_tokens, r.output_tokens, r.cached_input_tokens, float(r.usd),
-        bool(r.priced), bool(r.estimated), json.dumps(r.extra, default=str),
-        [_sha(s) for s in escaped], escaped,
+        float(r.ts), r.reservation_id, scopes, r.model, r.requested_model, r.action,
+        int(r.input_tokens), int(r.output_tokens), int(r.cached_input_tokens), float(r.usd),
+        bool(r.priced), bool(r.estimated), extra, hashes, escaped,
     )  # fmt: skip
+
+
+def _picked(index: Sequence[int], watch: Sequence[int] | None) -> list[int]:
+    """The distinct lines (indexes among them) whose states a settle reads back: those of the
+    ``watch`` lines, or all when ``watch`` is None."""
+    if watch is None:
+        return sorted(set(index))
+    return sorted({index[i] for i in watch})
+
+
+def _watched(
+    v: Sequence[int], index: Sequence[int], pick: Sequence[int]
+) -> tuple[LineState | None, ...]:
+    """Per given line, the state read back for its distinct line (12 integers each from
+    ``v[12]``, in the order of ``pick``), or None when it was not read."""
+    read = {u: _state(v, 12 * (k + 1)) for k, u in enumerate(pick)}
+    return tuple(read.get(u) for u in index)
 
 
 def _record(row: Sequence[Any]) -> UsageRecord:
@@ -334,6 +496,11 @@ class PostgresLedger(Ledger):
         timeout: seconds to wait for a connection, to connect, and for each statement.
         pool_min: connections each process keeps open.
         pool_max: connections each process may open.
+        synchronous_commit: PostgreSQL's ``synchronous_commit`` for this ledger's sessions
+            (``on``, ``off``, ``local``, ``remote_write`` or ``remote_apply``); None keeps the
+            server's setting. ``off`` makes settles asynchronous too: faster, but a crash of
+            the database server may lose the spend settled in the last fraction of a second.
+            Reservations and releases commit asynchronously whatever this says.
         display_url: the URL shown in messages (the password is never shown).
 
     Example:
@@ -353,6 +520,7 @@ class PostgresLedger(Ledger):
         timeout: float = 2.0,
         pool_min: int = 1,
         pool_max: int = 4,
+        synchronous_commit: str | None = None,
         display_url: str | None = None,
     ) -> None:
         self._pg: Any = require("psycopg", "postgres")
@@ -367,6 +535,13 @@ class PostgresLedger(Ledger):
         if not 0 <= pool_min <= pool_max or pool_max < 1:
             raise ConfigError(f"need 0 <= pool_min <= pool_max and pool_max >= 1, got "
                               f"{pool_min}, {pool_max}")  # fmt: skip
+        commit = None if synchronous_commit is None else str(synchronous_commit).lower()
+        if commit is not None and commit not in _SYNCHRONOUS_COMMIT:
+            raise ConfigError(
+                f"ledger option synchronous_commit must be one of "
+                f"{', '.join(_SYNCHRONOUS_COMMIT)}, got {synchronous_commit!r}"
+            )
+        self.synchronous_commit = commit
         self.url = display_url or _hide_password(conninfo)
         self.schema = schema
         self.timeout = float(timeout)
@@ -375,10 +550,15 @@ class PostgresLedger(Ledger):
         self.where = f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
         ms = max(int(self.timeout * 1000), 1)
         # Generic plans: the functions' statements are planned once per session, not per call.
+        # No bitmap scans: a generic plan guesses a few rows per key, for which a bitmap scan
+        # costs more to set up than the index scan it replaces (every statement here reads a
+        # handful of rows by key).
         options = (
             f"-c search_path={schema} -c statement_timeout={ms} "
-            f"-c plan_cache_mode=force_generic_plan"
+            f"-c plan_cache_mode=force_generic_plan -c enable_bitmapscan=off"
         )
+        if commit is not None:
+            options += f" -c synchronous_commit={commit}"
         if params.get("options"):
             options = f"{params['options']} {options}"
         params.update(
@@ -402,7 +582,9 @@ class PostgresLedger(Ledger):
         """Open ``postgresql://user:password@host:port/dbname?schema=…&timeout=…``.
 
         Keyword options override the URL's: ``schema``, ``timeout`` (seconds or a duration such
-        as ``"500ms"``), ``pool_min``, ``pool_max``.
+        as ``"500ms"``), ``pool_min``, ``pool_max``, ``synchronous_commit`` (``off`` lets settles
+        commit without waiting for the WAL flush: a database server crash may then lose the
+        last fraction of a second of settled spend; see the module's *Durability*).
 
         Raises:
             ConfigError: the URL is not a PostgreSQL URL, or an option is unknown or malformed.
@@ -430,6 +612,7 @@ class PostgresLedger(Ledger):
             timeout = parse_duration(ours.get("timeout", 2.0))
             pool_min = int(ours.get("pool_min", 1))
             pool_max = int(ours.get("pool_max", max(4, pool_min)))
+            commit = ours.get("synchronous_commit")
         except ValueError as exc:
             raise ConfigError(f"ledger {shown}: {exc}") from None
         try:
@@ -439,6 +622,7 @@ class PostgresLedger(Ledger):
                 timeout=timeout,
                 pool_min=pool_min,
                 pool_max=pool_max,
+                synchronous_commit=None if commit is None else str(commit),
                 display_url=shown,
             )
         except Exception as exc:
@@ -453,7 +637,7 @@ class PostgresLedger(Ledger):
 
     def _pool_options(self) -> dict[str, Any]:
         return {
-            "kwargs": {"autocommit": True},
+            "kwargs": {"autocommit": True, "context": _adapters(self._pg)},
             "min_size": self.pool_min,
             "max_size": self.pool_max,
             "open": False,
@@ -663,18 +847,22 @@ class PostgresLedger(Ledger):
             )
         return version == SCHEMA_VERSION
 
-    def _one(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+    def _one(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, binary: bool = False
+    ) -> Any:
         """Run one statement and return the first column of its first row."""
 
         def run(conn: Any) -> Any:
-            row = conn.execute(sql, params).fetchone()
+            row = conn.execute(sql, params, binary=binary).fetchone()
             return None if row is None else row[0]
 
         return self._run(run)
 
-    async def _aone(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+    async def _aone(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, binary: bool = False
+    ) -> Any:
         async def run(conn: Any) -> Any:
-            row = await (await conn.execute(sql, params)).fetchone()
+            row = await (await conn.execute(sql, params, binary=binary)).fetchone()
             return None if row is None else row[0]
 
         return await self._arun(run)
@@ -695,10 +883,10 @@ class PostgresLedger(Ledger):
     def _reserve_args(
         reservation_id: str, lines: Sequence[Line], amounts: Amounts, now: float, expires: float
     ) -> tuple[Any, ...]:
-        hashes, _, buckets, lows = _columns(lines)
-        limits = [lim for ln in lines for lim in ln.limits]
-        return (_sha(reservation_id), hashes, buckets, lows, limits, list(amounts), now,
-                expires)  # fmt: skip
+        limits = [-1 if lim is None else lim for ln in lines for lim in ln.limits]
+        return (_sha(reservation_id), _hashes(lines), _int8s([ln.bucket for ln in lines]),
+                _int8s([ln.lowest_bucket for ln in lines]), _int8s(limits, (len(lines), 6)),
+                _int8s(amounts), float(now), float(expires))  # fmt: skip
 
     @staticmethod
     def _settle_args(
@@ -707,42 +895,48 @@ class PostgresLedger(Ledger):
         amounts: Amounts,
         record: UsageRecord,
         now: float,
+        pick: Sequence[int],
     ) -> tuple[Any, ...]:
-        hashes, _, buckets, lows = _columns(lines)
-        expires = [ln.expires_at for ln in lines]
-        return (_sha(reservation_id), hashes, buckets, lows, expires, list(amounts), now,
+        expires = [None if ln.expires_at is None else _F64.pack(ln.expires_at) for ln in lines]
+        watch = [_I32.pack(i + 1) for i in pick]
+        return (_sha(reservation_id), _hashes(lines), _int8s([ln.bucket for ln in lines]),
+                _int8s([ln.lowest_bucket for ln in lines]), _array(_Float8Array, 701, expires),
+                _int8s(amounts), float(now), _array(_Int4Array, 23, watch),
                 *_record_args(record))  # fmt: skip
 
     @staticmethod
     def _status_args(lines: Sequence[Line], now: float) -> tuple[Any, ...]:
-        hashes, _, buckets, lows = _columns(lines)
-        return (hashes, lows, buckets, now)
+        pick = [_I32.pack(i) for i in range(1, len(lines) + 1)]
+        return (_hashes(lines), _int8s([ln.lowest_bucket for ln in lines]),
+                _int8s([ln.bucket for ln in lines]), float(now),
+                _array(_Int4Array, 23, pick))  # fmt: skip
 
-    def _write(self, sql: str, args: Sequence[Any], lines: Sequence[Line]) -> list[int]:
-        """Run tb_reserve or tb_settle; when it answers that a line is missing ([-1]), add the
-        lines in a transaction of their own and call again."""
-        hashes, keys, _, _ = _columns(lines)
+    def _write(self, sql: str, args: Sequence[Any], lines: Sequence[Line]) -> tuple[int, ...]:
+        """Run tb_reserve2 or tb_settle2 and return its integers; when it answers that a line is
+        missing (-1), add the lines in a transaction of their own and call again."""
 
-        def run(conn: Any) -> list[int]:
+        def run(conn: Any) -> tuple[int, ...]:
             for _ in range(_ADD_ATTEMPTS):
-                values: list[int] = conn.execute(sql, args).fetchone()[0]
+                values = _int8_values(conn.execute(sql, args, binary=True).fetchone()[0])
                 if values[0] != -1:
                     return values
-                conn.execute(_ADD_LINES, (hashes, keys))
+                conn.execute(_ADD_LINES, (args[1], _keys(lines)))
             raise LedgerError(f"PostgreSQL ledger at {self.where}: lines keep vanishing")
 
         return self._run(run)
 
-    async def _awrite(self, sql: str, args: Sequence[Any], lines: Sequence[Line]) -> list[int]:
+    async def _awrite(
+        self, sql: str, args: Sequence[Any], lines: Sequence[Line]
+    ) -> tuple[int, ...]:
         """Async :meth:`_write`."""
-        hashes, keys, _, _ = _columns(lines)
 
-        async def run(conn: Any) -> list[int]:
+        async def run(conn: Any) -> tuple[int, ...]:
             for _ in range(_ADD_ATTEMPTS):
-                values: list[int] = (await (await conn.execute(sql, args)).fetchone())[0]
+                cur = await conn.execute(sql, args, binary=True)
+                values = _int8_values((await cur.fetchone())[0])
                 if values[0] != -1:
                     return values
-                await conn.execute(_ADD_LINES, (hashes, keys))
+                await conn.execute(_ADD_LINES, (args[1], _keys(lines)))
             raise LedgerError(f"PostgreSQL ledger at {self.where}: lines keep vanishing")
 
         return await self._arun(run)
@@ -766,13 +960,14 @@ class PostgresLedger(Ledger):
     ) -> ReserveResult:
         """Hold ``amounts`` on every line if every limit allows it, else change nothing.
 
-        One transaction that locks the lines in key-hash order; a reservation id that already
-        holds is replaced (its old hold does not count against the new check).
+        One transaction that locks the lines in key-hash order and commits without waiting
+        for the WAL flush (a hold is transient); a reservation id that already holds is
+        replaced (its old hold does not count against the new check).
         """
         unique, index = _unique(lines)
         args = self._reserve_args(reservation_id, unique, amounts, now, expires_at)
         values = self._write(_RESERVE, args, unique)
-        return ReserveResult(ok=bool(values[0]), states=_states(values[1:], index))
+        return ReserveResult(ok=bool(values[0]), states=_states(values, 12, index))
 
     async def areserve(
         self,
@@ -787,7 +982,7 @@ class PostgresLedger(Ledger):
         unique, index = _unique(lines)
         args = self._reserve_args(reservation_id, unique, amounts, now, expires_at)
         values = await self._awrite(_RESERVE, args, unique)
-        return ReserveResult(ok=bool(values[0]), states=_states(values[1:], index))
+        return ReserveResult(ok=bool(values[0]), states=_states(values, 12, index))
 
     def settle(
         self,
@@ -799,13 +994,18 @@ class PostgresLedger(Ledger):
         now: float,
         watch: Sequence[int] | None = None,
     ) -> SettleResult:
-        """Replace the hold by ``amounts`` on each line and log ``record``; idempotent by id."""
+        """Replace the hold by ``amounts`` on each line and log ``record``; idempotent by id.
+
+        Only the ``watch`` lines (all when None) are read back; the others' states are None.
+        Commits synchronously unless the ledger was opened with ``synchronous_commit=off``.
+        """
         unique, index = _unique(lines)
-        args = self._settle_args(reservation_id, unique, amounts, record, now)
+        pick = _picked(index, watch)
+        args = self._settle_args(reservation_id, unique, amounts, record, now, pick)
         values = self._write(_SETTLE, args, unique)
         if self._prune_due(now):
             self.prune(now)
-        return SettleResult(applied=bool(values[0]), states=_states(values[1:], index))
+        return SettleResult(applied=bool(values[0]), states=_watched(values, index, pick))
 
     async def asettle(
         self,
@@ -819,29 +1019,32 @@ class PostgresLedger(Ledger):
     ) -> SettleResult:
         """Async :meth:`settle`."""
         unique, index = _unique(lines)
-        args = self._settle_args(reservation_id, unique, amounts, record, now)
+        pick = _picked(index, watch)
+        args = self._settle_args(reservation_id, unique, amounts, record, now, pick)
         values = await self._awrite(_SETTLE, args, unique)
         if self._prune_due(now):
             await self.aprune(now)
-        return SettleResult(applied=bool(values[0]), states=_states(values[1:], index))
+        return SettleResult(applied=bool(values[0]), states=_watched(values, index, pick))
 
     def release(self, reservation_id: str, *, now: float) -> bool:
         """Drop the hold; True if a live (unexpired) hold was removed."""
-        return bool(self._one(_RELEASE, (_sha(reservation_id), now)))
+        return bool(self._one(_RELEASE, (_sha(reservation_id), float(now))))
 
     async def arelease(self, reservation_id: str, *, now: float) -> bool:
         """Async :meth:`release`."""
-        return bool(await self._aone(_RELEASE, (_sha(reservation_id), now)))
+        return bool(await self._aone(_RELEASE, (_sha(reservation_id), float(now))))
 
     def status(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
         """Spent and held per line, read in one snapshot (expired holds do not count)."""
         unique, index = _unique(lines, by_key=False)
-        return _states(self._one(_STATUS, self._status_args(unique, now)), index)
+        packed = self._one(_STATUS, self._status_args(unique, now), binary=True)
+        return _states(_int8_values(packed), 0, index)
 
     async def astatus(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
         """Async :meth:`status`."""
         unique, index = _unique(lines, by_key=False)
-        return _states(await self._aone(_STATUS, self._status_args(unique, now)), index)
+        packed = await self._aone(_STATUS, self._status_args(unique, now), binary=True)
+        return _states(_int8_values(packed), 0, index)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 

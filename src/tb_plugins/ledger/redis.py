@@ -13,7 +13,8 @@ reservation id for ``settled_ttl`` (a settled id is remembered that long). Each 
 held counter (the sum of its live holds) and each hold with its expiry; once a hold's expiry
 passes, the next reserve, settle or status that touches the line deletes it and subtracts its
 amount from the held counter, so the hold of a process that died really returns after its TTL.
-A settle that comes after the hold expired still records the spend.
+A settle that comes after the hold expired still records the spend, and reads back (and
+sends) only the states of the lines it is asked to ``watch``.
 
 **Durability.** The ledger is exactly as durable as the Redis server's persistence settings.
 A Redis started with ``--save ""`` and ``--appendonly no`` keeps the ledger in memory only:
@@ -109,22 +110,46 @@ def _num(value: float) -> str:
     return repr(float(value))
 
 
+@functools.lru_cache(maxsize=256)
+def _doubles(n: int) -> struct.Struct:
+    return struct.Struct(f"<{n}d")
+
+
+@functools.lru_cache(maxsize=256)
+def _int64s(n: int) -> struct.Struct:
+    return struct.Struct(f"<{n}q")
+
+
 def _pack(numbers: Sequence[float]) -> bytes:
     """Numbers as the script reads them: little-endian doubles, one argument for all."""
-    return struct.pack(f"<{len(numbers)}d", *numbers)
+    return _doubles(len(numbers)).pack(*numbers)
 
 
-def _states(packed: bytes, n: int) -> tuple[LineState, ...]:
-    """The script's packed states: 12 doubles per line (6 spent, then 6 held)."""
-    v = list(map(int, struct.unpack(f"<{12 * n}d", packed))) if n else []
+def _states(packed: bytes) -> tuple[LineState, ...]:
+    """The script's states: 12 little-endian int64s per line (6 spent, then 6 held)."""
+    v = _int64s(len(packed) // 8).unpack(packed)
     return tuple(
-        LineState(spent=_six(v[i : i + 6]), held=_six(v[i + 6 : i + 12]))
-        for i in range(0, 12 * n, 12)
+        LineState(spent=v[i : i + 6], held=v[i + 6 : i + 12]) for i in range(0, len(v), 12)
     )
 
 
-def _six(v: Sequence[int]) -> Amounts:
-    return (v[0], v[1], v[2], v[3], v[4], v[5])
+def _watch_mask(n: int, watch: Sequence[int] | None) -> list[bool] | None:
+    """Per line, whether a settle reads its state back (None: every line)."""
+    if watch is None:
+        return None
+    mask = [False] * n
+    for i in watch:
+        mask[i] = True
+    return mask
+
+
+def _watched(packed: bytes, watched: Sequence[bool] | None) -> tuple[LineState | None, ...]:
+    """Per line, its state if the script read it back (``watched``; all when None)."""
+    states = _states(packed)
+    if watched is None:
+        return states
+    it = iter(states)
+    return tuple(next(it) if w else None for w in watched)
 
 
 def _ttl(seconds: float, grace: float) -> int:
@@ -143,26 +168,42 @@ def _day(ts: float) -> tuple[str, int]:
     return _day_name(start), start
 
 
+_json_str = json.encoder.encode_basestring
+"""A str as a JSON string, non-ASCII kept (``ensure_ascii=False``)."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _record_head(
+    scopes: tuple[str, ...], model: str | None, requested: str | None, action: str
+) -> str:
+    """The JSON members of a usage record that recur from call to call (cached)."""
+    dump = functools.partial(json.dumps, ensure_ascii=False)
+    return (f',"scopes":{dump(list(scopes))},"model":{dump(model)},'
+            f'"requested_model":{dump(requested)},"action":{dump(action)}')  # fmt: skip
+
+
+def _json_num(x: float) -> str:
+    return repr(float(x)) if math.isfinite(x) else json.dumps(float(x))
+
+
 def _encode_record(r: UsageRecord) -> str:
-    return json.dumps(
-        {
-            "ts": r.ts,
-            "id": r.reservation_id,
-            "scopes": list(r.scopes),
-            "model": r.model,
-            "requested_model": r.requested_model,
-            "action": r.action,
-            "in": r.input_tokens,
-            "out": r.output_tokens,
-            "cached": r.cached_input_tokens,
-            "usd": float(r.usd),
-            "priced": r.priced,
-            "estimated": r.estimated,
-            "extra": r.extra,
-        },
-        ensure_ascii=False,
-        separators=(",", ":"),
-        default=str,
+    """The record as a JSON object (what :func:`_decode_record` reads back), built from cached
+    parts: only the numbers, the id and ``extra`` are encoded per call."""
+    rid = "null" if r.reservation_id is None else _json_str(r.reservation_id)
+    extra = (
+        json.dumps(r.extra, ensure_ascii=False, separators=(",", ":"), default=str)
+        if r.extra
+        else "{}"
+    )
+    path = tuple(r.scopes)
+    head = _record_head if sum(map(len, path)) <= 1024 else _record_head.__wrapped__
+    return (
+        f'{{"ts":{_json_num(r.ts)},"id":{rid}'
+        f"{head(path, r.model, r.requested_model, r.action)}"
+        f',"in":{int(r.input_tokens)},"out":{int(r.output_tokens)},'
+        f'"cached":{int(r.cached_input_tokens)},"usd":{_json_num(r.usd)},'
+        f'"priced":{"true" if r.priced else "false"},'
+        f'"estimated":{"true" if r.estimated else "false"},"extra":{extra}}}'
     )
 
 
@@ -416,10 +457,13 @@ class RedisLedger(Ledger):
         numbers: list[float] = [now, expires_at, *amounts]
         hold_ttl = _ttl(expires_at - now, HOLD_GRACE)
         for ln in lines:
-            numbers += [ln.bucket, ln.span, ln.width, -1 if ln.expires_at is None else hold_ttl]
-            numbers += [-1 if lim is None else lim for lim in ln.limits]
+            a, b, c, d, e, f = ln.limits
+            numbers += (ln.bucket, ln.span, ln.width, -1 if ln.expires_at is None else hold_ttl,
+                        -1 if a is None else a, -1 if b is None else b, -1 if c is None else c,
+                        -1 if d is None else d, -1 if e is None else e,
+                        -1 if f is None else f)  # fmt: skip
         return ["reserve", self.key_prefix, reservation_id, _pack(numbers),
-                *(ln.key for ln in lines)]  # fmt: skip
+                *[ln.key for ln in lines]]  # fmt: skip
 
     def _settle_args(
         self,
@@ -428,17 +472,20 @@ class RedisLedger(Ledger):
         amounts: Amounts,
         record: UsageRecord,
         now: float,
+        watched: Sequence[bool] | None,
     ) -> list[str | bytes]:
         member, ts, day, start, log_ttl = self._log_args(record)
         numbers: list[float] = [now, self.settled_ttl, *amounts, log_ttl, start]
-        for ln in lines:
+        for i, ln in enumerate(lines):
             exp = ln.expires_at
-            numbers += [ln.bucket, ln.span, ln.width]
-            numbers += [-1, math.inf] if exp is None else [
-                _ttl(exp - now, COUNTER_GRACE), exp + COUNTER_GRACE
-            ]  # fmt: skip
+            read = 1 if watched is None or watched[i] else 0
+            if exp is None:
+                numbers += (ln.bucket, ln.span, ln.width, -1, math.inf, read)
+            else:
+                numbers += (ln.bucket, ln.span, ln.width, _ttl(exp - now, COUNTER_GRACE),
+                            exp + COUNTER_GRACE, read)  # fmt: skip
         return ["settle", self.key_prefix, reservation_id, _pack(numbers), member, ts, day,
-                *(ln.key for ln in lines)]  # fmt: skip
+                *[ln.key for ln in lines]]  # fmt: skip
 
     def _log_args(self, record: UsageRecord) -> tuple[str, str, str, int, float]:
         """The record's JSON, its ts (as text), its UTC day, the day's start, and how long to
@@ -484,7 +531,7 @@ class RedisLedger(Ledger):
         """
         args = self._reserve_args(reservation_id, lines, amounts, now, expires_at)
         reply = self._eval(self._rkey(reservation_id), args)
-        return ReserveResult(ok=bool(reply[0]), states=_states(reply[1], len(lines)))
+        return ReserveResult(ok=bool(reply[0]), states=_states(reply[1]))
 
     async def areserve(
         self,
@@ -498,7 +545,7 @@ class RedisLedger(Ledger):
         """Async :meth:`reserve`."""
         args = self._reserve_args(reservation_id, lines, amounts, now, expires_at)
         reply = await self._aeval(self._rkey(reservation_id), args)
-        return ReserveResult(ok=bool(reply[0]), states=_states(reply[1], len(lines)))
+        return ReserveResult(ok=bool(reply[0]), states=_states(reply[1]))
 
     def settle(
         self,
@@ -511,10 +558,14 @@ class RedisLedger(Ledger):
         watch: Sequence[int] | None = None,
     ) -> SettleResult:
         """Replace the hold by ``amounts`` on each line and log ``record``; idempotent by id
-        for ``settled_ttl``."""
-        args = self._settle_args(reservation_id, lines, amounts, record, now)
+        for ``settled_ttl``.
+
+        Only the ``watch`` lines (all when None) are read back; the others' states are None.
+        """
+        watched = _watch_mask(len(lines), watch)
+        args = self._settle_args(reservation_id, lines, amounts, record, now, watched)
         reply = self._eval(self._rkey(reservation_id), args)
-        return SettleResult(applied=bool(reply[0]), states=_states(reply[1], len(lines)))
+        return SettleResult(applied=bool(reply[0]), states=_watched(reply[1], watched))
 
     async def asettle(
         self,
@@ -527,9 +578,10 @@ class RedisLedger(Ledger):
         watch: Sequence[int] | None = None,
     ) -> SettleResult:
         """Async :meth:`settle`."""
-        args = self._settle_args(reservation_id, lines, amounts, record, now)
+        watched = _watch_mask(len(lines), watch)
+        args = self._settle_args(reservation_id, lines, amounts, record, now, watched)
         reply = await self._aeval(self._rkey(reservation_id), args)
-        return SettleResult(applied=bool(reply[0]), states=_states(reply[1], len(lines)))
+        return SettleResult(applied=bool(reply[0]), states=_watched(reply[1], watched))
 
     def release(self, reservation_id: str, *, now: float) -> bool:
         """Drop the hold; True if a live (unexpired) hold was removed."""
@@ -544,12 +596,12 @@ class RedisLedger(Ledger):
     def status(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
         """Spent and held per line (expired holds are dropped first, so they do not count)."""
         reply = self._eval(f"{self.key_prefix}:lines", self._status_args(lines, now))
-        return _states(reply, len(lines))
+        return _states(reply)
 
     async def astatus(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
         """Async :meth:`status`."""
         reply = await self._aeval(f"{self.key_prefix}:lines", self._status_args(lines, now))
-        return _states(reply, len(lines))
+        return _states(reply)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 

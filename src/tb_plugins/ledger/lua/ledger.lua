@@ -36,7 +36,8 @@
 -- line's live holds per hold lifetime instead of a sorted-set update per hold.
 --
 -- Arithmetic is on Lua numbers (doubles): exact up to 2^53 per sum (9e15 tokens, or $9M in
--- nano-dollars per line and window), rounded to a few units beyond.
+-- nano-dollars per line and window), rounded to a few units beyond. States go back to the
+-- client as little-endian int64s (struct "<l…"), which it reads without a float conversion.
 
 local op = ARGV[1]
 local P = ARGV[2]
@@ -67,6 +68,18 @@ end
 
 local function packed(v)
   return struct.pack(fmt(#v), unpack(v))
+end
+
+local iformats = {}
+-- Whole numbers (states) as little-endian int64s.
+local function ints(v)
+  local n = #v
+  local f = iformats[n]
+  if not f then
+    f = '<' .. string.rep('l', n)
+    iformats[n] = f
+  end
+  return struct.pack(f, unpack(v))
 end
 
 local function num(s)
@@ -192,30 +205,34 @@ end
 -- the loaded reservation's own hold when `exclude` is set.
 local function state(L, exclude, out)
   local s1, s2, s3, s4, s5, s6 = 0, 0, 0, 0, 0, 0
+  local low, high = L.low, L.bucket
   local C = L.C
   for o = 1, #C, C_WIDTH do
     local b = C[o]
-    if b >= L.low and b <= L.bucket then
+    if b >= low and b <= high then
       s1, s2, s3 = s1 + C[o + 1], s2 + C[o + 2], s3 + C[o + 3]
       s4, s5, s6 = s4 + C[o + 4], s5 + C[o + 5], s6 + C[o + 6]
     end
   end
-  local h = {0, 0, 0, 0, 0, 0}
+  local h1, h2, h3, h4, h5, h6 = 0, 0, 0, 0, 0, 0
   local H = L.H
   for o = 1, #H, H_WIDTH do
     local b = H[o]
-    if b >= L.low and b <= L.bucket then
-      for u = 1, 6 do h[u] = h[u] + H[o + 1 + u] end
+    if b >= low and b <= high then
+      h1, h2, h3 = h1 + H[o + 2], h2 + H[o + 3], h3 + H[o + 4]
+      h4, h5, h6 = h4 + H[o + 5], h5 + H[o + 6], h6 + H[o + 7]
     end
   end
   local own = L.own
-  if exclude and own and own[1] >= L.low and own[1] <= L.bucket then
-    for u = 1, 6 do h[u] = h[u] - own[2 + u] end
+  if exclude and own and own[1] >= low and own[1] <= high then
+    h1, h2, h3 = h1 - own[3], h2 - own[4], h3 - own[5]
+    h4, h5, h6 = h4 - own[6], h5 - own[7], h6 - own[8]
   end
   local n = #out
   out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] =
     s1, s2, s3, s4, s5, s6
-  for u = 1, 6 do out[n + 6 + u] = h[u] end
+  out[n + 7], out[n + 8], out[n + 9], out[n + 10], out[n + 11], out[n + 12] =
+    h1, h2, h3, h4, h5, h6
   return out
 end
 
@@ -286,9 +303,9 @@ local function numbers(s)
   return unpacked(s)
 end
 
--- The states of `lines` appended to {flag} and packed: {flag, <12 doubles per line>}.
+-- The reply of reserve and settle: {flag, <12 int64s per line read>}.
 local function reply(flag, out)
-  return {flag, packed(out)}
+  return {flag, ints(out)}
 end
 
 if op == 'reserve' then
@@ -363,15 +380,17 @@ if op == 'reserve' then
 elseif op == 'settle' then
   -- ARGV: rid, numbers, member, ts, day, lk... ; numbers: now, settled_ttl, a1..a6,
   -- log_ttl (< 0: forever), day_start, then per line: bucket, span, width,
-  -- counter_ttl (< 0: never), lines_score
+  -- counter_ttl (< 0: never), lines_score, watched (1: read its state back, 0: not)
   local rid, v = ARGV[3], numbers(ARGV[4])
   local now = v[1]
-  local n, stride = #ARGV - 7, 5
+  local n, stride = #ARGV - 7, 6
   if not redis.call('SET', P .. ':s:' .. rid, '1', 'NX', 'EX', math.ceil(v[2])) then
     local out = {}
     for i = 0, n - 1 do
       local at = 11 + i * stride
-      state(fresh(ARGV[8 + i], v[at], v[at + 1], v[at + 2], false, now), false, out)
+      if v[at + 5] ~= 0 then
+        state(fresh(ARGV[8 + i], v[at], v[at + 1], v[at + 2], false, now), false, out)
+      end
     end
     return reply(0, out)
   end
@@ -381,35 +400,41 @@ elseif op == 'settle' then
     local at = 11 + i * stride
     local lk = ARGV[8 + i]
     local L = fresh(lk, v[at], v[at + 1], v[at + 2], rid, now)
-    local sets, dels = {}, {}
+    local sets, dels = {}, nil
     if L.own then
       L.H = without(L.H, L.own)
       L.own = false
       if #L.H > 0 then
-        sets = {'H', packed(L.H)}
+        sets[1], sets[2] = 'H', packed(L.H)
+        dels = {'r' .. rid}
       else
-        dels[#dels + 1] = 'H'
+        dels = {'r' .. rid, 'H'}
       end
-      dels[#dels + 1] = 'r' .. rid
     end
     done[lk] = true
+    local C, b = L.C, L.bucket
     local fresh_bucket = true
-    for o = 1, #L.C, C_WIDTH do
-      if L.C[o] == L.bucket then fresh_bucket = false end
+    for o = #C - C_WIDTH + 1, 1, -C_WIDTH do
+      if C[o] == b then
+        fresh_bucket = false
+        break
+      end
     end
-    L.C = upsert(L.C, C_WIDTH, L.bucket, amount, L.low, false)
+    L.C = upsert(C, C_WIDTH, b, amount, L.low, false)
     sets[#sets + 1] = 'C'
     sets[#sets + 1] = packed(L.C)
     local ttl = keep(L, v[at + 3], COUNTER_SLACK, now, sets)
     redis.call('HSET', L.key, unpack(sets))
-    if #dels > 0 then redis.call('HDEL', L.key, unpack(dels)) end
+    if dels then redis.call('HDEL', L.key, unpack(dels)) end
     if ttl then redis.call('EXPIRE', L.key, ttl) end
     if fresh_bucket then
       -- A new bucket: list the line for scopes() until its newest bucket expires.
       redis.call('ZADD', P .. ':lines', 'GT', v[at + 4], lk)
       new_bucket = true
     end
-    state(L, false, out)
+    if v[at + 5] ~= 0 then
+      state(L, false, out)
+    end
   end
   drop_all(redis.call('GETDEL', P .. ':r:' .. rid), rid, now, done)
   if new_bucket then
@@ -432,7 +457,7 @@ elseif op == 'status' then
     local at = 2 + i * 3
     state(fresh(ARGV[4 + i], v[at], v[at + 1], v[at + 2], false, now), false, out)
   end
-  return packed(out)
+  return ints(out)
 
 elseif op == 'log' then
   -- ARGV: member, ts, day, day_start, log_ttl (< 0: forever)
