@@ -110,7 +110,9 @@ class ReserveResult:
     """The outcome of :meth:`Ledger.reserve`.
 
     ``states`` has one entry per line, in order, as they were *before* this reservation (so the
-    guard can tell what is left, and which thresholds the call crosses).
+    guard can tell what is left, and which thresholds the call crosses). A unit the line does
+    not limit may read 0 here (a check needs only the limited ones); :meth:`Ledger.status`
+    always reads every unit.
     """
 
     ok: bool
@@ -123,7 +125,8 @@ class SettleResult:
     before (nothing changed); ``states`` are the lines *after* settling, one entry per line.
 
     An entry is ``None`` for a line the caller did not ask to watch (``settle(watch=...)``):
-    a backend may skip reading it back.
+    a backend may skip reading it back. As in :class:`ReserveResult`, a unit the line does not
+    limit may read 0.
     """
 
     applied: bool

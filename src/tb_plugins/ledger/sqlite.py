@@ -145,13 +145,33 @@ _HELD = (
 _STATES_CHUNK = 100  # lines per statement (SQLite allows 500 terms in one compound SELECT)
 
 
-@functools.lru_cache(maxsize=128)
-def _line_states_sql(n: int) -> str:
-    """Spent and held of ``n`` lines in one statement: parameters are (key, lowest bucket,
-    bucket) per line, then now and the reservation id whose holds are left out."""
-    sums = ", ".join(f"coalesce(sum({u}), 0)" for u in UNITS)
+_ALL_UNITS = (1 << len(UNITS)) - 1
+
+
+@functools.lru_cache(maxsize=1024)
+def _limited(limits: tuple[int | None, ...]) -> int:
+    """The bit mask of the units a line's ``limits`` limit."""
+    mask = 0
+    for unit, limit in enumerate(limits):
+        if limit is not None:
+            mask |= 1 << unit
+    return mask
+
+
+@functools.lru_cache(maxsize=256)
+def _line_states_sql(masks: tuple[int, ...]) -> str:
+    """Spent and held of one line per mask in one statement: parameters are (key, lowest
+    bucket, bucket) per line, then now and the reservation id whose holds are left out.
+
+    A line sums only the units of its mask (the others read 0): a check needs no more, and a
+    rolling window's sixty sub-buckets cost a sixth as much for a budget on tokens alone.
+    """
+    n = len(masks)
     parts = []
-    for i in range(n):
+    for i, mask in enumerate(masks):
+        sums = ", ".join(
+            f"coalesce(sum({u}), 0)" if mask >> bit & 1 else "0" for bit, u in enumerate(UNITS)
+        )
         k, lo, hi = 3 * i + 1, 3 * i + 2, 3 * i + 3
         parts.append(_SPENT.format(i=i, sums=sums, k=k, lo=lo, hi=hi))
         parts.append(_HELD.format(i=i, sums=sums, k=k, lo=lo, hi=hi, now=3 * n + 1,
@@ -557,15 +577,26 @@ class SQLiteLedger(Ledger):
 
     @staticmethod
     def _states(
-        conn: sqlite3.Connection, lines: Sequence[Line], now: float, exclude: str | None = None
+        conn: sqlite3.Connection,
+        lines: Sequence[Line],
+        now: float,
+        exclude: str | None = None,
+        *,
+        limited_only: bool = False,
     ) -> tuple[LineState, ...]:
+        """Spent and held per line; ``limited_only``: units a line does not limit read 0."""
         sums = [[ZERO, ZERO] for _ in lines]
         for start in range(0, len(lines), _STATES_CHUNK):
             chunk = lines[start : start + _STATES_CHUNK]
             params: list[Any] = []
             for line in chunk:
                 params += (line.key, line.lowest_bucket, line.bucket)
-            for row in conn.execute(_line_states_sql(len(chunk)), (*params, now, exclude)):
+            params += (now, exclude)
+            if limited_only:
+                masks = tuple([_limited(line.limits) for line in chunk])
+            else:
+                masks = (_ALL_UNITS,) * len(chunk)
+            for row in conn.execute(_line_states_sql(masks), params):
                 sums[start + row[0]][row[1]] = row[2:]  # six integers: coalesce(sum(...), 0)
         return tuple(LineState(spent=spent, held=held) for spent, held in sums)
 
@@ -608,7 +639,7 @@ class SQLiteLedger(Ledger):
         expires_at: float,
     ) -> Callable[[sqlite3.Connection], ReserveResult]:
         def tx(conn: sqlite3.Connection) -> ReserveResult:
-            states = self._states(conn, lines, now, exclude=reservation_id)
+            states = self._states(conn, lines, now, exclude=reservation_id, limited_only=True)
             ok = all(_fits(line, state, amounts) for line, state in zip(lines, states, strict=True))
             if ok:
                 conn.execute(_DELETE_HOLDS, (reservation_id,))
@@ -662,7 +693,7 @@ class SQLiteLedger(Ledger):
         watched = range(len(lines)) if watch is None else sorted(set(watch))
 
         def after(conn: sqlite3.Connection) -> tuple[LineState | None, ...]:
-            read = self._states(conn, [lines[i] for i in watched], now)
+            read = self._states(conn, [lines[i] for i in watched], now, limited_only=True)
             states: list[LineState | None] = [None] * len(lines)
             for i, state in zip(watched, read, strict=True):
                 states[i] = state
