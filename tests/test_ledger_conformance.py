@@ -658,3 +658,14 @@ def test_a_sqlite_file_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(LedgerError, match="schema version 99, newer"):
         ledger_from_url(f"sqlite:///{path}")
+
+
+def test_a_line_passed_twice_is_charged_once(ledger: Ledger) -> None:
+    """The same line twice in one call holds and spends once, and reads the same state."""
+    ln = line("user:a", tokens=100)
+    held = ledger.reserve("r1", [ln, ln], cost(30), now=T0, expires_at=T0 + TTL)
+    assert held.ok and len(held.states) == 2
+    assert ledger.status([ln], now=T0) == (state(held=cost(30)),)
+    settled = ledger.settle("r1", [ln, ln], cost(40), record("r1", ("user:a",)), now=T0)
+    assert settled.applied and len(settled.states) == 2
+    assert ledger.status([ln], now=T0) == (state(spent=cost(40)),)

@@ -43,6 +43,7 @@ GroupBy = Literal["scope", "model", "day"]
 
 
 _P = ParamSpec("_P")
+_S = TypeVar("_S")
 _R = TypeVar("_R")
 
 
@@ -50,6 +51,32 @@ async def _to_thread(fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwarg
     import asyncio  # not at import time: `import tb_plugins` stays light
 
     return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def distinct_lines(lines: Sequence[Line]) -> tuple[Sequence[Line], list[int] | None]:
+    """The lines with repeats of a key dropped (first kept), and per given line its index
+    among them; the index is None when there was no repeat (the common case)."""
+    seen: dict[str, int] = {}
+    for ln in lines:
+        seen.setdefault(ln.key, len(seen))
+    if len(seen) == len(lines):
+        return lines, None
+    unique: dict[str, Line] = {}
+    for ln in lines:
+        unique.setdefault(ln.key, ln)
+    return list(unique.values()), [seen[ln.key] for ln in lines]
+
+
+def spread(states: Sequence[_S], index: list[int] | None) -> tuple[_S, ...]:
+    """States of the distinct lines back in the order of the given lines."""
+    return tuple(states) if index is None else tuple(states[i] for i in index)
+
+
+def distinct_watch(watch: Sequence[int] | None, index: list[int] | None) -> Sequence[int] | None:
+    """``watch`` (indexes of given lines) as indexes of the distinct lines."""
+    if watch is None or index is None:
+        return watch
+    return sorted({index[i] for i in watch})
 
 
 def line_key(scope: str, window: str) -> str:

@@ -83,7 +83,17 @@ from tb_plugins._lazy import require
 from tb_plugins.core.usage import Amounts, UsageRecord, UsageRow
 from tb_plugins.core.windows import parse_duration
 from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
-from tb_plugins.ledger.base import GroupBy, Ledger, Line, LineState, ReserveResult, SettleResult
+from tb_plugins.ledger.base import (
+    GroupBy,
+    Ledger,
+    Line,
+    LineState,
+    ReserveResult,
+    SettleResult,
+    distinct_lines,
+    distinct_watch,
+    spread,
+)
 
 if TYPE_CHECKING:
     import redis as redis_module
@@ -529,9 +539,10 @@ class RedisLedger(Ledger):
         One script: expired holds of the lines are dropped first, and a reservation id that
         already holds is replaced (its old hold does not count against the new check).
         """
-        args = self._reserve_args(reservation_id, lines, amounts, now, expires_at)
+        unique, index = distinct_lines(lines)  # a line given twice holds once
+        args = self._reserve_args(reservation_id, unique, amounts, now, expires_at)
         reply = self._eval(self._rkey(reservation_id), args)
-        return ReserveResult(ok=bool(reply[0]), states=_states(reply[1]))
+        return ReserveResult(ok=bool(reply[0]), states=spread(_states(reply[1]), index))
 
     async def areserve(
         self,
@@ -543,9 +554,10 @@ class RedisLedger(Ledger):
         expires_at: float,
     ) -> ReserveResult:
         """Async :meth:`reserve`."""
-        args = self._reserve_args(reservation_id, lines, amounts, now, expires_at)
+        unique, index = distinct_lines(lines)
+        args = self._reserve_args(reservation_id, unique, amounts, now, expires_at)
         reply = await self._aeval(self._rkey(reservation_id), args)
-        return ReserveResult(ok=bool(reply[0]), states=_states(reply[1]))
+        return ReserveResult(ok=bool(reply[0]), states=spread(_states(reply[1]), index))
 
     def settle(
         self,
@@ -562,10 +574,12 @@ class RedisLedger(Ledger):
 
         Only the ``watch`` lines (all when None) are read back; the others' states are None.
         """
-        watched = _watch_mask(len(lines), watch)
-        args = self._settle_args(reservation_id, lines, amounts, record, now, watched)
+        unique, index = distinct_lines(lines)  # a line given twice is charged once
+        watched = _watch_mask(len(unique), distinct_watch(watch, index))
+        args = self._settle_args(reservation_id, unique, amounts, record, now, watched)
         reply = self._eval(self._rkey(reservation_id), args)
-        return SettleResult(applied=bool(reply[0]), states=_watched(reply[1], watched))
+        states = spread(_watched(reply[1], watched), index)
+        return SettleResult(applied=bool(reply[0]), states=states)
 
     async def asettle(
         self,
@@ -578,10 +592,12 @@ class RedisLedger(Ledger):
         watch: Sequence[int] | None = None,
     ) -> SettleResult:
         """Async :meth:`settle`."""
-        watched = _watch_mask(len(lines), watch)
-        args = self._settle_args(reservation_id, lines, amounts, record, now, watched)
+        unique, index = distinct_lines(lines)
+        watched = _watch_mask(len(unique), distinct_watch(watch, index))
+        args = self._settle_args(reservation_id, unique, amounts, record, now, watched)
         reply = await self._aeval(self._rkey(reservation_id), args)
-        return SettleResult(applied=bool(reply[0]), states=_watched(reply[1], watched))
+        states = spread(_watched(reply[1], watched), index)
+        return SettleResult(applied=bool(reply[0]), states=states)
 
     def release(self, reservation_id: str, *, now: float) -> bool:
         """Drop the hold; True if a live (unexpired) hold was removed."""

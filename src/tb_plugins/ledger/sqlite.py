@@ -57,6 +57,9 @@ from tb_plugins.ledger.base import (
     ReserveResult,
     SettleResult,
     _to_thread,
+    distinct_lines,
+    distinct_watch,
+    spread,
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteLedger"]
@@ -142,6 +145,7 @@ _HELD = (
     "SELECT {i}, 1, {sums} FROM holds WHERE key = ?{k} AND bucket BETWEEN ?{lo} AND ?{hi}"
     " AND expires_at > ?{now} AND reservation_id IS NOT ?{exclude}"
 )
+_ANY_HOLD = "SELECT 1 FROM holds LIMIT 1"
 _STATES_CHUNK = 100  # lines per statement (SQLite allows 500 terms in one compound SELECT)
 
 
@@ -159,12 +163,14 @@ def _limited(limits: tuple[int | None, ...]) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _line_states_sql(masks: tuple[int, ...]) -> str:
+def _line_states_sql(masks: tuple[int, ...], held: bool = True) -> str:
     """Spent and held of one line per mask in one statement: parameters are (key, lowest
     bucket, bucket) per line, then now and the reservation id whose holds are left out.
 
     A line sums only the units of its mask (the others read 0): a check needs no more, and a
     rolling window's sixty sub-buckets cost a sixth as much for a budget on tokens alone.
+    ``held=False`` leaves the holds out (the caller saw there are none), and with them the
+    last two parameters.
     """
     n = len(masks)
     parts = []
@@ -174,25 +180,45 @@ def _line_states_sql(masks: tuple[int, ...]) -> str:
         )
         k, lo, hi = 3 * i + 1, 3 * i + 2, 3 * i + 3
         parts.append(_SPENT.format(i=i, sums=sums, k=k, lo=lo, hi=hi))
-        parts.append(_HELD.format(i=i, sums=sums, k=k, lo=lo, hi=hi, now=3 * n + 1,
-                                  exclude=3 * n + 2))  # fmt: skip
+        if held:
+            parts.append(_HELD.format(i=i, sums=sums, k=k, lo=lo, hi=hi, now=3 * n + 1,
+                                      exclude=3 * n + 2))  # fmt: skip
     return "\nUNION ALL ".join(parts)
 
 
 _DELETE_HOLDS = "DELETE FROM holds WHERE reservation_id = ?"
 _DELETE_LIVE_HOLDS = "DELETE FROM holds WHERE reservation_id = ? AND expires_at > ?"
-_INSERT_HOLD = f"""
-INSERT INTO holds (reservation_id, key, bucket, {_UNIT_COLS}, expires_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
-_UPSERT_COUNTER = f"""
-INSERT INTO counters (key, bucket, scope, window, {_UNIT_COLS}, expires_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+_INSERT_HOLDS = f"INSERT INTO holds (reservation_id, key, bucket, {_UNIT_COLS}, expires_at) VALUES "
+_HOLD_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_UPSERT_COUNTERS = (
+    f"INSERT INTO counters (key, bucket, scope, window, {_UNIT_COLS}, expires_at) VALUES "
+)
+_COUNTER_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ON_COUNTER = f"""
 ON CONFLICT (key, bucket) DO UPDATE SET
   {", ".join(f"{u} = {u} + excluded.{u}" for u in UNITS)},
   expires_at = CASE WHEN expires_at IS NULL OR excluded.expires_at IS NULL THEN NULL
                     ELSE max(expires_at, excluded.expires_at) END
 """
+
+
+_ROWS_CHUNK = 500  # rows per statement (SQLite binds at most 32,766 parameters)
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_sql(head: str, row: str, n: int, tail: str) -> str:
+    return head + ", ".join([row] * n) + tail
+
+
+def _write_rows(
+    conn: sqlite3.Connection, head: str, row: str, rows: Sequence[tuple[Any, ...]], tail: str = ""
+) -> None:
+    """Write ``rows`` with one statement per 500 (cheaper than ``executemany``)."""
+    for start in range(0, len(rows), _ROWS_CHUNK):
+        chunk = rows[start : start + _ROWS_CHUNK]
+        conn.execute(_rows_sql(head, row, len(chunk), tail), [v for r in chunk for v in r])
+
+
 _RECORD_COLS = (
     "ts, reservation_id, scopes, model, requested_model, action, input_tokens, output_tokens, "
     "cached_input_tokens, usd, priced, estimated, extra"
@@ -586,17 +612,21 @@ class SQLiteLedger(Ledger):
     ) -> tuple[LineState, ...]:
         """Spent and held per line; ``limited_only``: units a line does not limit read 0."""
         sums = [[ZERO, ZERO] for _ in lines]
+        any_held: bool | None = None
         for start in range(0, len(lines), _STATES_CHUNK):
             chunk = lines[start : start + _STATES_CHUNK]
             params: list[Any] = []
             for line in chunk:
                 params += (line.key, line.lowest_bucket, line.bucket)
-            params += (now, exclude)
             if limited_only:
                 masks = tuple([_limited(line.limits) for line in chunk])
             else:
                 masks = (_ALL_UNITS,) * len(chunk)
-            for row in conn.execute(_line_states_sql(masks), params):
+            if any_held is None:  # with no call in flight anywhere, holds need no reading
+                any_held = conn.execute(_ANY_HOLD).fetchone() is not None
+            if any_held:
+                params += (now, exclude)
+            for row in conn.execute(_line_states_sql(masks, any_held), params):
                 sums[start + row[0]][row[1]] = row[2:]  # six integers: coalesce(sum(...), 0)
         return tuple(LineState(spent=spent, held=held) for spent, held in sums)
 
@@ -638,16 +668,20 @@ class SQLiteLedger(Ledger):
         now: float,
         expires_at: float,
     ) -> Callable[[sqlite3.Connection], ReserveResult]:
+        unique, index = distinct_lines(lines)  # a line given twice holds once
+
         def tx(conn: sqlite3.Connection) -> ReserveResult:
-            states = self._states(conn, lines, now, exclude=reservation_id, limited_only=True)
-            ok = all(_fits(line, state, amounts) for line, state in zip(lines, states, strict=True))
+            states = self._states(conn, unique, now, exclude=reservation_id, limited_only=True)
+            ok = all(_fits(line, st, amounts) for line, st in zip(unique, states, strict=True))
             if ok:
                 conn.execute(_DELETE_HOLDS, (reservation_id,))
-                conn.executemany(
-                    _INSERT_HOLD,
-                    [(reservation_id, ln.key, ln.bucket, *amounts, expires_at) for ln in lines],
+                _write_rows(
+                    conn,
+                    _INSERT_HOLDS,
+                    _HOLD_ROW,
+                    [(reservation_id, ln.key, ln.bucket, *amounts, expires_at) for ln in unique],
                 )
-            return ReserveResult(ok=ok, states=states)
+            return ReserveResult(ok=ok, states=spread(states, index))
 
         return tx
 
@@ -690,23 +724,31 @@ class SQLiteLedger(Ledger):
         now: float,
         watch: Sequence[int] | None,
     ) -> Callable[[sqlite3.Connection], SettleResult]:
-        watched = range(len(lines)) if watch is None else sorted(set(watch))
+        unique, index = distinct_lines(lines)  # a line given twice is charged once
+        watch = distinct_watch(watch, index)
+        watched = range(len(unique)) if watch is None else sorted(set(watch))
 
         def after(conn: sqlite3.Connection) -> tuple[LineState | None, ...]:
-            read = self._states(conn, [lines[i] for i in watched], now, limited_only=True)
-            states: list[LineState | None] = [None] * len(lines)
+            read = self._states(conn, [unique[i] for i in watched], now, limited_only=True)
+            states: list[LineState | None] = [None] * len(unique)
             for i, state in zip(watched, read, strict=True):
                 states[i] = state
-            return tuple(states)
+            return spread(states, index)
 
         def tx(conn: sqlite3.Connection) -> SettleResult:
             cur = conn.execute(_INSERT_USAGE, (reservation_id, *self._record_row(record)))
             if cur.rowcount == 0:
                 return SettleResult(applied=False, states=after(conn))
             conn.execute(_DELETE_HOLDS, (reservation_id,))
-            conn.executemany(
-                _UPSERT_COUNTER,
-                [(ln.key, ln.bucket, ln.scope, ln.window, *amounts, ln.expires_at) for ln in lines],
+            _write_rows(
+                conn,
+                _UPSERT_COUNTERS,
+                _COUNTER_ROW,
+                [
+                    (ln.key, ln.bucket, ln.scope, ln.window, *amounts, ln.expires_at)
+                    for ln in unique
+                ],
+                _ON_COUNTER,
             )
             if now >= self._next_prune:
                 for sql in _PRUNE:
