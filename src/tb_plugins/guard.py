@@ -87,6 +87,7 @@ _HINT = "a budget is past its downgrade_at fraction"
 # A run or session is over once it stops calling: its never-resetting counters may be pruned
 # this long after its last charge, so per-run budgets do not grow the ledger forever.
 RUN_IDLE_EXPIRY = 7 * 86400.0
+_PATH_MEMORY = 4096  # validated scope paths remembered (forgotten all at once past this)
 _IDLE_EXPIRY_STEP = 60.0  # the idle expiry of run:/session: lines moves on in steps this long
 _EPHEMERAL_KINDS = ("run:", "session:")
 
@@ -306,6 +307,7 @@ class BudgetGuard:
         self._scope_templates = _LRU(16384)
         self._slots: dict[str, tuple[Slot, float, float]] = {}
         self._path_lines = _LRU(4096)
+        self._paths: dict[tuple[Any, ...], tuple[str, ...]] = {}  # validated scope paths
         self._pending: list[_Pending] = []
         self._pending_lock = threading.Lock()
         self._last_flush = 0.0
@@ -480,6 +482,19 @@ class BudgetGuard:
         Raises:
             ValueError: a scope is not ``kind:name``.
         """
+        given = scopes if type(scopes) is tuple else tuple(scopes)
+        try:
+            known: tuple[str, ...] | None = self._paths.get(given)
+        except TypeError:  # something unhashable: not a scope name
+            return self._scope_path(given)
+        if known is None:
+            known = self._paths[given] = self._scope_path(given)
+            if len(self._paths) > _PATH_MEMORY:
+                self._paths.clear()
+        return known
+
+    @staticmethod
+    def _scope_path(scopes: tuple[Any, ...]) -> tuple[str, ...]:
         path = ["global"]
         seen = {"global"}
         for s in scopes:
@@ -565,7 +580,7 @@ class BudgetGuard:
                     limits=t.limits,
                     expires_at=expires_at,
                 )
-                out.append(LinePlan(line, t.budgets, t.names, slot.resets_at))
+                out.append(LinePlan.of(line, t.budgets, t.names, slot.resets_at))
         lines = tuple(out)
         if cache:
             self._path_lines.put(path, (lo, hi, lines))
@@ -688,7 +703,7 @@ class BudgetGuard:
                 cheaper, messages, tools, prompt, input_tokens, max_tokens, _HINT
             )
             action = "downgrade"
-        watch = any(b.downgrade_at is not None for lp in lines for b in lp.budgets)
+        watch = any(lp.downgrades for lp in lines)
         for _attempt in range(_MAX_ATTEMPTS):
             try:
                 result: ReserveResult = yield (
@@ -822,7 +837,8 @@ class BudgetGuard:
             lines=lines,
             plan=plan,
         )
-        self._emit("decision", {"decision": d})
+        if self.listeners:
+            self._emit("decision", {"decision": d})
         return d
 
     def _fail_open(
@@ -935,7 +951,7 @@ class BudgetGuard:
         )
         line_list = [lp.line for lp in decision.lines]
         # Only lines with alert thresholds are read back after the settle.
-        watch = [i for i, lp in enumerate(decision.lines) if any(b.alerts for b in lp.budgets)]
+        watch = [i for i, lp in enumerate(decision.lines) if lp.alerts]
         fired: list[Alert] = []
         applied = True
         try:
@@ -970,7 +986,8 @@ class BudgetGuard:
             applied=applied,
             alerts=tuple(fired),
         )
-        self._emit("settle", {"decision": decision, "charge": charge})
+        if self.listeners:
+            self._emit("settle", {"decision": decision, "charge": charge})
         return charge
 
     def _alerts(

@@ -14,6 +14,7 @@ A budget past its ``downgrade_at`` fraction also triggers a downgrade when the c
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,26 @@ class LinePlan:
     budgets: tuple[Budget, ...]
     limit_names: tuple[str | None, ...]
     resets_at: float | None
+    alerts: bool = False  # some budget of the line has alert thresholds
+    downgrades: bool = False  # some budget of the line has a downgrade_at fraction
+
+    @classmethod
+    def of(
+        cls,
+        line: Line,
+        budgets: tuple[Budget, ...],
+        limit_names: tuple[str | None, ...],
+        resets_at: float | None,
+    ) -> LinePlan:
+        """A line plan with its ``alerts`` and ``downgrades`` flags worked out."""
+        return cls(
+            line,
+            budgets,
+            limit_names,
+            resets_at,
+            alerts=any(b.alerts for b in budgets),
+            downgrades=any(b.downgrade_at is not None for b in budgets),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +227,7 @@ def alerts_crossed(
     """
     out = []
     for lp, st in zip(lines, after, strict=True):
-        if st is None or not any(b.alerts for b in lp.budgets):
+        if st is None or not lp.alerts:
             continue
         before = LineState(
             spent=tuple(s - c for s, c in zip(st.spent, charged, strict=True)),  # type: ignore[arg-type]
@@ -229,11 +250,16 @@ def remaining(
     """The least left of each limited unit over every line, after ``held`` more is held."""
     out: dict[str, float] = {}
     for lp, st in zip(lines, states, strict=True):
-        for unit, limit in enumerate(lp.line.limits):
-            if limit is None:
-                continue
+        for unit, limit, name in _limited_units(lp.line.limits):
             left = limit - st.spent[unit] - st.held[unit] - (held[unit] if held else 0)
             value = unit_value(unit, max(left, 0))
-            name = UNITS[unit]
-            out[name] = min(out.get(name, value), value)
+            known = out.get(name)
+            if known is None or value < known:
+                out[name] = value
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _limited_units(limits: Limits) -> tuple[tuple[int, int, str], ...]:
+    """``(unit, limit, unit name)`` of each limited unit."""
+    return tuple((u, lim, UNITS[u]) for u, lim in enumerate(limits) if lim is not None)
