@@ -1,6 +1,6 @@
 """Guard cycle cost against `litellm.token_counter` alone, and `import tb_plugins` time.
 
-    python benchmarks/bench_guard.py [--reps 15] [--json]
+    python benchmarks/bench_guard.py [--reps 40] [--json]
 
 A guard cycle is count + check + settle on a 4-scope path (global, team, user, agent). Every
 repetition uses fresh message text, so nothing is served from a previous repetition's cache:
@@ -121,7 +121,7 @@ def import_time(reps: int = 7) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
