@@ -346,3 +346,34 @@ def _zero_state() -> Any:
     from tb_plugins.ledger import LineState
 
     return LineState(spent=ZERO, held=ZERO)
+
+
+async def test_checkpoints_of_async_writes_run_in_a_worker_not_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's connection never checkpoints (a checkpoint fsyncs the file); every
+    CHECKPOINT_EVERY async writes a worker thread checkpoints the WAL instead."""
+    import tb_plugins.ledger.sqlite as sqlite_mod
+
+    monkeypatch.setattr(sqlite_mod, "CHECKPOINT_EVERY", 3)
+    ledger = ledger_from_url(f"sqlite:///{tmp_path / 'l.db'}")
+    real = sqlite_mod.SQLiteLedger._checkpoint
+    threads: list[int] = []
+
+    def spy(self: Any) -> None:
+        threads.append(threading.get_ident())
+        real(self)
+
+    monkeypatch.setattr(sqlite_mod.SQLiteLedger, "_checkpoint", spy)
+    lines = _lines(0, None)
+    for i in range(3):
+        assert (
+            await ledger.areserve(f"r{i}", lines, amounts(1, 0, 0), now=T0, expires_at=T0 + TTL)
+        ).ok
+    pending = ledger._checkpointing  # type: ignore[attr-defined]
+    assert pending is not None
+    await pending
+    assert threads and threads[0] != threading.get_ident()
+    fast = ledger._conn(fast=True)  # type: ignore[attr-defined]
+    assert fast.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    ledger.close()

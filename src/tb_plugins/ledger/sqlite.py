@@ -37,6 +37,7 @@ import collections
 import contextlib
 import functools
 import json
+import logging
 import os
 import random
 import sqlite3
@@ -44,7 +45,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tb_plugins.core.usage import UNITS, ZERO, Amounts, UsageRecord, UsageRow
@@ -64,7 +65,11 @@ from tb_plugins.ledger.base import (
 
 __all__ = ["SCHEMA_VERSION", "SQLiteLedger"]
 
+if TYPE_CHECKING:
+    import asyncio
+
 T = TypeVar("T")
+logger = logging.getLogger("tb_plugins")
 
 
 class _Busy:
@@ -76,6 +81,7 @@ BUSY = _Busy()
 SCHEMA_VERSION = 2
 PAGE_SIZE = 1024  # bytes, for new files
 PRUNE_EVERY = 600.0  # seconds of ledger time between two prunes of dead counters and alerts
+CHECKPOINT_EVERY = 100  # write transactions on an event loop between two checkpoints
 PRUNE_GRACE = 86_400.0  # a counter or alert is deleted this long after it stopped being read
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.0005, 0.05  # seconds, retry of a locked file (with jitter)
 
@@ -382,6 +388,8 @@ class SQLiteLedger(Ledger):
         self._conns: list[tuple[int, threading.Thread, sqlite3.Connection]] = []
         self._conns_lock = threading.Lock()
         self._next_prune = 0.0
+        self._inline_commits = 0  # write transactions run on an event loop since a checkpoint
+        self._checkpointing: asyncio.Future[None] | None = None
         # An in-memory database exists only in its one connection: share it, under a lock.
         self._single = self._open() if self._memory else None
         self._lock: contextlib.AbstractContextManager[Any] = (
@@ -440,6 +448,9 @@ class SQLiteLedger(Ledger):
             if getattr(local, "pid", None) != os.getpid():
                 local.conn = local.fast = None
             conn = self._open(0.0 if fast else None)
+            if fast and not self._memory:
+                # A checkpoint flushes the file to disk: never on an event loop (see _arun).
+                conn.execute("PRAGMA wal_autocheckpoint=0")
             pid, me = os.getpid(), threading.current_thread()
             local.pid = pid
             if fast:
@@ -465,6 +476,7 @@ class SQLiteLedger(Ledger):
         # belong to the parent); keep them referenced, unused, and start afresh.
         _INHERITED.extend(conn for _, _, conn in self._conns)
         self._conns = []
+        self._inline_commits, self._checkpointing = 0, None  # the parent's loop's, not ours
         self._conns_lock = threading.Lock()
         self._local = threading.local()
         if self._single is not None:  # a memory ledger keeps its copy, private to the child
@@ -551,7 +563,26 @@ class SQLiteLedger(Ledger):
         result = self._run_now(fn, write=write)
         if isinstance(result, _Busy):
             return await _to_thread(self._run, fn, write=write)
+        if write and not self._memory:
+            self._inline_commits += 1
+            if self._inline_commits >= CHECKPOINT_EVERY and self._checkpointing is None:
+                # The loop's connection does not checkpoint itself: a worker does it now and
+                # then, so the WAL stays short and no fsync ever stalls the loop.
+                self._inline_commits = 0
+                import asyncio  # running in a loop: already imported
+
+                loop = asyncio.get_running_loop()
+                self._checkpointing = loop.run_in_executor(None, self._checkpoint)
+                self._checkpointing.add_done_callback(self._checkpoint_done)
         return result
+
+    def _checkpoint(self) -> None:
+        self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _checkpoint_done(self, done: asyncio.Future[None]) -> None:
+        self._checkpointing = None
+        if not done.cancelled() and done.exception() is not None:
+            logger.warning("tb_plugins: SQLite checkpoint failed: %s", done.exception())
 
     def _wrap(self, exc: sqlite3.Error) -> LedgerError:
         text = str(exc)
