@@ -610,3 +610,24 @@ def test_a_reused_scope_path_follows_every_window_as_it_moves_on() -> None:
     clock.t += 61  # a run's idle expiry keeps moving with its calls
     later = lines()["run:r"].expires_at
     assert run_expiry is not None and later is not None and later >= run_expiry + 60
+
+
+def test_default_reservation_ids_are_uuid7_in_time_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guard's own ids are version 7 UUIDs: 32 hex digits, ordered by the millisecond they
+    were made in (so a ledger's index of settled ids grows at one end)."""
+    import time
+    import uuid
+
+    from tb_plugins.guard import new_reservation_id
+
+    ticks = iter([1_790_000_000_000_000_000 + k * 1_000_000 for k in range(50)])
+    with monkeypatch.context() as patch:
+        patch.setattr(time, "time_ns", lambda: next(ticks))
+        ids = [new_reservation_id() for _ in range(50)]
+    assert ids == sorted(ids) and len(set(ids)) == 50
+    for rid in ids:
+        u = uuid.UUID(rid)
+        assert len(rid) == 32 and u.version == 7 and u.variant == uuid.RFC_4122
+    assert int(ids[0][:12], 16) == 1_790_000_000_000
+    g = make([{"scope": "team:*", "tokens": 10**6, "window": "day"}])
+    assert uuid.UUID(call(g).reservation_id).version == 7

@@ -23,8 +23,9 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import threading
-import uuid
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
@@ -90,6 +91,22 @@ RUN_IDLE_EXPIRY = 7 * 86400.0
 _PATH_MEMORY = 4096  # validated scope paths remembered (forgotten all at once past this)
 _IDLE_EXPIRY_STEP = 60.0  # the idle expiry of run:/session: lines moves on in steps this long
 _EPHEMERAL_KINDS = ("run:", "session:")
+
+
+def new_reservation_id() -> str:
+    """A time-ordered UUID (version 7) as 32 hex digits: 48 bits of Unix milliseconds, then
+    74 random bits. Ids made in time order land next to each other in a ledger's index of
+    settled ids (a random uuid4 lands on a random page of it, each time)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (
+        (ms & 0xFFFF_FFFF_FFFF) << 80
+        | 0x7 << 76
+        | (rand >> 68) << 64
+        | 0b10 << 62
+        | (rand & 0x3FFF_FFFF_FFFF_FFFF)
+    )
+    return f"{value:032x}"
 
 
 @dataclass(frozen=True)
@@ -368,7 +385,8 @@ class BudgetGuard:
             tools: tool definitions sent with the request (they cost input tokens).
             prompt: plain text input instead of messages (completions, embeddings).
             input_tokens: a known input count; skips counting.
-            reservation_id: an id to use (e.g. the framework's call id); default a uuid4.
+            reservation_id: an id to use (e.g. the framework's call id); default a new
+                time-ordered UUID (version 7, as 32 hex digits).
             adjust: False when the caller cannot change the request (a callback that only
                 observes): the answer is then ``allow`` or a refusal, never clamp/downgrade.
 
@@ -673,7 +691,7 @@ class BudgetGuard:
     ) -> Generator[_Op, Any, Decision]:
         now = self.now()
         path = self.scope_path(scopes)
-        rid = reservation_id or uuid.uuid4().hex
+        rid = reservation_id or new_reservation_id()
         plan, reasons = self._plan(model, messages, tools, prompt, input_tokens, max_tokens)
         action: Action = "clamp" if reasons else "allow"
         caps = self.policy.request
