@@ -53,30 +53,30 @@ async def _to_thread(fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwarg
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
-def distinct_lines(lines: Sequence[Line]) -> tuple[Sequence[Line], list[int] | None]:
-    """The lines with repeats of a key dropped (first kept), and per given line its index
-    among them; the index is None when there was no repeat (the common case)."""
-    seen: dict[str, int] = {}
+def distinct_lines(lines: Sequence[Line], *, by_key: bool = True) -> tuple[list[Line], list[int]]:
+    """The distinct lines, first kept, and per given line its index among them. Writes
+    compare keys (a line given twice holds and spends once); reads (``by_key=False``) also
+    compare buckets, so two windows of one key read apart."""
+    seen: dict[Any, int] = {}
+    unique: list[Line] = []
+    index: list[int] = []
     for ln in lines:
-        seen.setdefault(ln.key, len(seen))
-    if len(seen) == len(lines):
-        return lines, None
-    unique: dict[str, Line] = {}
-    for ln in lines:
-        unique.setdefault(ln.key, ln)
-    return list(unique.values()), [seen[ln.key] for ln in lines]
+        ident = ln.key if by_key else (ln.key, ln.bucket, ln.span, ln.width)
+        if ident not in seen:
+            seen[ident] = len(unique)
+            unique.append(ln)
+        index.append(seen[ident])
+    return unique, index
 
 
-def spread(states: Sequence[_S], index: list[int] | None) -> tuple[_S, ...]:
+def spread(states: Sequence[_S], index: Sequence[int]) -> tuple[_S, ...]:
     """States of the distinct lines back in the order of the given lines."""
-    return tuple(states) if index is None else tuple(states[i] for i in index)
+    return tuple(states[i] for i in index)
 
 
-def distinct_watch(watch: Sequence[int] | None, index: list[int] | None) -> Sequence[int] | None:
-    """``watch`` (indexes of given lines) as indexes of the distinct lines."""
-    if watch is None or index is None:
-        return watch
-    return sorted({index[i] for i in watch})
+def distinct_watch(watch: Sequence[int] | None, index: Sequence[int]) -> list[int] | None:
+    """``watch`` (indexes of given lines) as indexes of the distinct lines (None: all)."""
+    return None if watch is None else sorted({index[i] for i in watch})
 
 
 def line_key(scope: str, window: str) -> str:

@@ -87,7 +87,15 @@ from tb_plugins._lazy import require
 from tb_plugins.core.usage import Amounts, UsageRecord, UsageRow
 from tb_plugins.core.windows import parse_duration
 from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
-from tb_plugins.ledger.base import GroupBy, Ledger, Line, LineState, ReserveResult, SettleResult
+from tb_plugins.ledger.base import (
+    GroupBy,
+    Ledger,
+    Line,
+    LineState,
+    ReserveResult,
+    SettleResult,
+    distinct_lines,
+)
 
 __all__ = ["SCHEMA_SQL", "SCHEMA_VERSION", "PostgresLedger"]
 
@@ -381,21 +389,6 @@ def _states(v: Sequence[int], at: int, index: Sequence[int]) -> tuple[LineState,
     gives."""
     states = [_state(v, i) for i in range(at, len(v), 12)]
     return tuple(states[i] for i in index)
-
-
-def _unique(lines: Sequence[Line], *, by_key: bool = True) -> tuple[list[Line], list[int]]:
-    """The distinct lines (by key for writes, which hold and lock per key; by key and buckets
-    for reads), first kept, and, per given line, its index among them."""
-    seen: dict[Any, int] = {}
-    unique: list[Line] = []
-    index: list[int] = []
-    for ln in lines:
-        ident = ln.key if by_key else (ln.key, ln.bucket, ln.span, ln.width)
-        if ident not in seen:
-            seen[ident] = len(unique)
-            unique.append(ln)
-        index.append(seen[ident])
-    return unique, index
 
 
 def _keys(lines: Sequence[Line]) -> _TextArray:
@@ -964,7 +957,7 @@ class PostgresLedger(Ledger):
         for the WAL flush (a hold is transient); a reservation id that already holds is
         replaced (its old hold does not count against the new check).
         """
-        unique, index = _unique(lines)
+        unique, index = distinct_lines(lines)
         args = self._reserve_args(reservation_id, unique, amounts, now, expires_at)
         values = self._write(_RESERVE, args, unique)
         return ReserveResult(ok=bool(values[0]), states=_states(values, 12, index))
@@ -979,7 +972,7 @@ class PostgresLedger(Ledger):
         expires_at: float,
     ) -> ReserveResult:
         """Async :meth:`reserve`."""
-        unique, index = _unique(lines)
+        unique, index = distinct_lines(lines)
         args = self._reserve_args(reservation_id, unique, amounts, now, expires_at)
         values = await self._awrite(_RESERVE, args, unique)
         return ReserveResult(ok=bool(values[0]), states=_states(values, 12, index))
@@ -999,7 +992,7 @@ class PostgresLedger(Ledger):
         Only the ``watch`` lines (all when None) are read back; the others' states are None.
         Commits synchronously unless the ledger was opened with ``synchronous_commit=off``.
         """
-        unique, index = _unique(lines)
+        unique, index = distinct_lines(lines)
         pick = _picked(index, watch)
         args = self._settle_args(reservation_id, unique, amounts, record, now, pick)
         values = self._write(_SETTLE, args, unique)
@@ -1018,7 +1011,7 @@ class PostgresLedger(Ledger):
         watch: Sequence[int] | None = None,
     ) -> SettleResult:
         """Async :meth:`settle`."""
-        unique, index = _unique(lines)
+        unique, index = distinct_lines(lines)
         pick = _picked(index, watch)
         args = self._settle_args(reservation_id, unique, amounts, record, now, pick)
         values = await self._awrite(_SETTLE, args, unique)
@@ -1036,13 +1029,13 @@ class PostgresLedger(Ledger):
 
     def status(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
         """Spent and held per line, read in one snapshot (expired holds do not count)."""
-        unique, index = _unique(lines, by_key=False)
+        unique, index = distinct_lines(lines, by_key=False)
         packed = self._one(_STATUS, self._status_args(unique, now), binary=True)
         return _states(_int8_values(packed), 0, index)
 
     async def astatus(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
         """Async :meth:`status`."""
-        unique, index = _unique(lines, by_key=False)
+        unique, index = distinct_lines(lines, by_key=False)
         packed = await self._aone(_STATUS, self._status_args(unique, now), binary=True)
         return _states(_int8_values(packed), 0, index)
 
