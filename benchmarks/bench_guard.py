@@ -2,7 +2,9 @@
 
     python benchmarks/bench_guard.py [--reps 40] [--json]
 
-A guard cycle is count + check + settle on a 4-scope path (global, team, user, agent). Every
+A guard cycle is count + check + settle on a 4-scope path (global, team, user, agent).
+`litellm.token_counter` and each guard get the very same messages; each guard has a token
+counter of its own, so what litellm or the other guard counted is still unseen by it. Every
 repetition uses fresh message text, so nothing is served from a previous repetition's cache:
 on the 30-step transcript each step sends the whole history again, of which only the newest
 messages are unseen, as in a real agent loop.
@@ -90,9 +92,12 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def guard_for(url: str) -> Any:
+    """A guard with a token counter of its own: a prompt another guard (or litellm) counted
+    is still first seen here."""
     from tb_plugins import BudgetGuard
+    from tb_plugins.core.counting import TokenCounter
 
-    return BudgetGuard.from_dict({**POLICY, "ledger": url})
+    return BudgetGuard.from_dict({**POLICY, "ledger": url}, tokenizer=TokenCounter())
 
 
 def cycle(guard: Any, messages: list[dict[str, Any]]) -> None:
@@ -141,11 +146,12 @@ def main() -> None:
     base: list[float] = []
     per: dict[str, list[float]] = {name: [] for name in backends}
     for s in range(args.reps):
-        # The prompts are built before the clock starts: only counting and the guard are timed.
+        # The same messages for litellm and for each guard (first seen by each: every guard
+        # has its own counter). Built before the clock starts: only the counting and the
+        # guard are timed.
         prompt = prompt_1k(s)
         base.append(timed(lambda p=prompt: litellm.token_counter(model=MODEL, messages=p)))
-        for k, (name, g) in enumerate(guards.items()):
-            prompt = prompt_1k(1000 + s * 10 + k)
+        for name, g in guards.items():
             per[name].append(timed(lambda g=g, p=prompt: cycle(g, p)))
     base_med = statistics.median(base) * 1e6
     rows.append(
@@ -177,9 +183,8 @@ def main() -> None:
         t = [timed(lambda m=m: litellm.token_counter(model=MODEL, messages=m)) for m in steps]
         base_tot.append(sum(t))
         base_steps.extend(t)
-        for k, (name, g) in enumerate(guards.items()):
-            own = transcript(9000 + s * 31 + k)
-            t = [timed(lambda g=g, m=m: cycle(g, m)) for m in own]
+        for name, g in guards.items():
+            t = [timed(lambda g=g, m=m: cycle(g, m)) for m in steps]
             tot[name].append(sum(t))
             steps_t[name].extend(t)
     base_total = statistics.median(base_tot) * 1e6

@@ -651,15 +651,15 @@ def test_constructor_rejects_bad_settings() -> None:
 
 @pytest.fixture
 def encode_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every text tiktoken encodes while the test runs."""
+    """Every text the tiktoken encoder counts while the test runs."""
     seen: list[str] = []
-    original = tiktoken.Encoding.encode_ordinary
+    original = counting._TiktokenEncoder.count
 
-    def spy(self: tiktoken.Encoding, text: str) -> list[int]:
+    def spy(self: counting._TiktokenEncoder, text: str) -> int:
         seen.append(text)
         return original(self, text)
 
-    monkeypatch.setattr(tiktoken.Encoding, "encode_ordinary", spy)
+    monkeypatch.setattr(counting._TiktokenEncoder, "count", spy)
     return seen
 
 
@@ -935,3 +935,49 @@ def test_tiktoken_cache_dir_is_used_first_and_a_corrupt_file_there_is_skipped(
     assert _assets.tiktoken_bpe_file("cl100k_base") == tmp_path / key
     (tmp_path / key).write_bytes(b"corrupt")
     assert _assets.tiktoken_bpe_file("cl100k_base") == bundled
+
+
+# ------------------------------------------------------------- the buffer counting path
+
+BUFFER_TEXTS = [
+    "",
+    "plain words",
+    "<|endoftext|> is text here, not a special token",
+    "<|fim_prefix|><|im_start|>user",
+    "héllo 世界 🙂 " * 40,
+    "1234567890" * 30 + "!!!???" + "\n\n\t  x",
+    "a" * 9000,  # past the chunk size: split, counted per chunk
+]
+
+
+@pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
+@pytest.mark.parametrize("text", BUFFER_TEXTS, ids=range(len(BUFFER_TEXTS)))
+def test_the_buffer_counter_equals_encode_ordinary(name: str, text: str) -> None:
+    encoder = counting._LOADER.get(name)
+    assert isinstance(encoder, counting._TiktokenEncoder)
+    assert encoder._count is not None, "this tiktoken has the buffer API: it should be used"
+    expected = sum(len(encoder.encoding.encode_ordinary(c)) for c in counting._chunks(text))
+    assert encoder.count(text) == expected
+
+
+def test_lone_surrogates_fall_back_to_encode_ordinary() -> None:
+    """tiktoken's buffer API refuses lone surrogates; encode_ordinary repairs them."""
+    encoder = counting._LOADER.get("o200k_base")
+    assert isinstance(encoder, counting._TiktokenEncoder)
+    text = "broken \ud800 pair \udfff here"
+    assert encoder.count(text) == len(encoder.encoding.encode_ordinary(text)) > 0
+
+
+def test_a_buffer_api_that_disagrees_on_the_probe_is_not_used() -> None:
+    class Core:
+        def encode_to_tiktoken_buffer(self, text: str, allowed: object) -> bytes:
+            return b"\0" * 4  # always "one token": wrong
+
+    class Encoding:
+        _core_bpe = Core()
+
+        def encode_ordinary(self, text: str) -> list[int]:
+            return [0] * len(text.split())
+
+    assert counting._buffer_counter(Encoding()) is None  # type: ignore[arg-type]
+    assert counting._buffer_counter(object()) is None  # type: ignore[arg-type]

