@@ -981,3 +981,68 @@ def test_a_buffer_api_that_disagrees_on_the_probe_is_not_used() -> None:
 
     assert counting._buffer_counter(Encoding()) is None  # type: ignore[arg-type]
     assert counting._buffer_counter(object()) is None  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------- counting off the event loop
+
+
+@pytest.fixture
+def count_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """(text, thread id) of every text the tiktoken encoder counts while the test runs."""
+    seen: list[tuple[str, int]] = []
+    original = counting._TiktokenEncoder.count
+
+    def spy(self: counting._TiktokenEncoder, text: str) -> int:
+        seen.append((text, threading.get_ident()))
+        return original(self, text)
+
+    monkeypatch.setattr(counting._TiktokenEncoder, "count", spy)
+    return seen
+
+
+async def test_aprepare_encodes_a_long_new_text_in_a_worker_thread(
+    count_threads: list[tuple[str, int]],
+) -> None:
+    counter = TokenCounter(offload_chars=1000)
+    long_text = "budget ledger window " * 100  # 2,100 characters
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": long_text}]
+    await counter.aprepare("gpt-4o", messages)
+    loop_thread = threading.get_ident()
+    encoded = {text: ident for text, ident in count_threads}
+    assert encoded[long_text] != loop_thread
+    expected = TokenCounter().count_messages("gpt-4o", messages)
+    count_threads.clear()
+    # The count that follows is a lookup, and equals a fresh counter's.
+    assert counter.count_messages("gpt-4o", messages) == expected
+    assert count_threads == []
+
+
+async def test_aprepare_leaves_short_or_counted_text_to_the_count(
+    count_threads: list[tuple[str, int]],
+) -> None:
+    counter = TokenCounter(offload_chars=1000)
+    short = [{"role": "user", "content": "hello there"}]
+    await counter.aprepare("gpt-4o", short)
+    assert count_threads == []  # nothing counted ahead: the count does it inline
+    long_history = [{"role": "user", "content": "x y " * 400}]
+    counter.count_messages("gpt-4o", long_history)
+    count_threads.clear()
+    await counter.aprepare("gpt-4o", [*long_history, {"role": "assistant", "content": "ok"}])
+    assert count_threads == []  # only 2 new characters: not worth a thread
+    never = TokenCounter(offload_chars=None)
+    await never.aprepare("gpt-4o", long_history)
+    assert count_threads == []
+
+
+async def test_aprepare_never_raises_and_the_count_still_names_the_problem() -> None:
+    counter = TokenCounter(offload_chars=0)
+    bad: Any = [{"content": "no role"}]
+    await counter.aprepare("gpt-4o", bad)
+    with pytest.raises(ValueError, match=r"messages\[0\]"):
+        counter.count_messages("gpt-4o", bad)
+
+
+def test_offload_chars_is_validated() -> None:
+    for bad in (-1, True, 2.5, "100"):
+        with pytest.raises(ValueError, match="offload_chars"):
+            TokenCounter(offload_chars=bad)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -478,6 +479,29 @@ async def test_async_twins_decide_exactly_like_sync() -> None:
     assert [s.spent for s in sync.status("team:a")] == [
         s.spent for s in await asy.astatus("team:a")
     ]
+
+
+async def test_acheck_counts_a_long_new_prompt_off_the_event_loop() -> None:
+    """A long prompt is encoded in a worker thread; the decision equals the sync one."""
+    from tb_plugins.core.counting import TokenCounter
+
+    budgets = [{"scope": "team:a", "tokens": 10**6, "window": "day"}]
+    long_prompt = [{"role": "user", "content": "quarterly revenue churn hiring " * 700}]
+    threads: list[int] = []
+
+    class Spy(TokenCounter):
+        def count_messages(self, *args: Any, **kwargs: Any) -> int:
+            threads.append(threading.get_ident())
+            return super().count_messages(*args, **kwargs)
+
+    policy = {"ledger": "memory://", "alerts": [], "budgets": budgets}
+    asy = BudgetGuard.from_dict(policy, clock=Clock(), tokenizer=Spy())
+    d = await asy.acheck(model="gpt-4o", messages=long_prompt, max_tokens=10, scopes=["team:a"])
+    sync = BudgetGuard.from_dict(policy, clock=Clock(), tokenizer=TokenCounter(offload_chars=None))
+    expected = sync.check(model="gpt-4o", messages=long_prompt, max_tokens=10, scopes=["team:a"])
+    assert d.estimate == expected.estimate and d.action == expected.action == "allow"
+    assert threads[0] != threading.get_ident()  # counted in a worker thread first,
+    assert threads[-1] == threading.get_ident()  # then looked up by the check itself
 
 
 async def test_concurrent_async_checks_never_overshoot() -> None:

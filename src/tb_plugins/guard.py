@@ -419,9 +419,18 @@ class BudgetGuard:
         reservation_id: str | None = None,
         adjust: bool = True,
     ) -> Decision:
-        """Async :meth:`check`: the same decision, awaiting the ledger."""
+        """Async :meth:`check`: the same decision, awaiting the ledger.
+
+        A long prompt not counted before is encoded in a worker thread first (see
+        :meth:`TokenCounter.aprepare <tb_plugins.core.counting.TokenCounter.aprepare>`), so
+        counting does not hold up the event loop.
+        """
         await self._async_sync_clock()
         await self._amaybe_flush()
+        if messages is not None and input_tokens is None:
+            prepare = getattr(self.tokenizer, "aprepare", None)
+            if prepare is not None:
+                await prepare(model, messages, tools)
         flow = self._check_flow(
             model, messages, max_tokens, scopes, tools, prompt, input_tokens, reservation_id, adjust
         )
