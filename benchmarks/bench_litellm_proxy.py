@@ -7,7 +7,11 @@ Both use the example's custom auth, so the callback is the only difference. A th
 with a no-op callback defining the same hooks separates LiteLLM's own cost of running such a
 callback from tb_plugins' work. Every request
 sends a distinct ~1,000-token prompt (so token counting is never a cache hit) and asks for
-16 output tokens. Rounds alternate between the two proxies so drift hits both alike.
+16 output tokens. Rounds alternate between the proxies so drift hits all alike.
+
+``--breakdown`` adds two proxies running ``proxy_handler`` with one part of its work replaced
+by a stand-in that does nothing (the ledger's I/O; the token count), and prints how many
+points of the throughput lost each part accounts for.
 
 * latency: one request at a time, p50 and p99 of the round-trip seen by the client;
 * throughput: ``--concurrency`` requests in flight, requests per second.
@@ -15,7 +19,7 @@ sends a distinct ~1,000-token prompt (so token counting is never a cache hit) an
 Only 127.0.0.1 is contacted; the number of requests is bounded by the options::
 
     python benchmarks/bench_litellm_proxy.py [--latency-requests 400]
-        [--throughput-requests 2400] [--rounds 8]
+        [--throughput-requests 2400] [--rounds 8] [--ledger URL] [--breakdown]
 """
 
 from __future__ import annotations
@@ -74,6 +78,63 @@ class Noop(CustomLogger):
 
 noop_handler = Noop()
 '''
+# --breakdown: proxy_handler with one part of its work replaced by a stand-in that does
+# nothing, to show what each part costs the proxy. Diagnostics only, never for real use.
+BREAKDOWN = '''
+import os
+
+from tb_plugins import BudgetGuard
+from tb_plugins.integrations.litellm_proxy import TokenBudgetProxyHandler
+from tb_plugins.ledger.base import LineState, ReserveResult, SettleResult
+
+ZERO = (0,) * 6
+
+
+class NoLedgerIO:
+    """Admits everything at once, writes nothing: the guard without ledger round trips."""
+
+    url = "none://"
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    async def areserve(self, rid, lines, amounts, *, now, expires_at):
+        return ReserveResult(True, tuple(LineState(ZERO, ZERO) for _ in lines))
+
+    async def asettle(self, rid, lines, amounts, record, *, now, watch=None):
+        return SettleResult(True, tuple(None for _ in lines))
+
+    async def arelease(self, rid, *, now):
+        return True
+
+
+class FixedCount:
+    """1,000 tokens for every request: the guard without token counting."""
+
+    def count_messages(self, model, messages, tools=None):
+        return 1000
+
+    def count_text(self, model, text):
+        return 1000
+
+    def is_exact(self, model):
+        return True
+
+
+no_ledger = BudgetGuard.from_config(os.environ["TB_PLUGINS_CONFIG"])
+no_ledger.ledger = NoLedgerIO(no_ledger.ledger)
+no_ledger_handler = TokenBudgetProxyHandler(no_ledger)
+no_count = BudgetGuard.from_config(os.environ["TB_PLUGINS_CONFIG"])
+no_count.tokenizer = FixedCount()
+no_count_handler = TokenBudgetProxyHandler(no_count)
+'''
+PARTS = {
+    "handler, no ledger I/O": "breakdown.no_ledger_handler",
+    "handler, no counting": "breakdown.no_count_handler",
+}
 BASE_TEXT = " ".join(
     f"Paragraph {i}: the quarterly report covers revenue, churn, hiring and the roadmap "
     f"for the search team, with notes on latency budgets and on-call load."
@@ -91,23 +152,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_configs(tmp: Path, upstream: str, ledger: str) -> dict[str, Path]:
-    """The three proxy configs, and their policy and key table."""
+def write_configs(
+    tmp: Path, upstream: str, ledger: str, breakdown: bool = False
+) -> dict[str, Path]:
+    """The proxy configs (three, five with ``breakdown``), and their policy and key table."""
     config = yaml.safe_load((EXAMPLE / "config.yaml").read_text())
     for entry in config["model_list"]:
         entry["litellm_params"]["api_base"] = upstream
     bare = {k: v for k, v in config.items() if k not in ("litellm_settings", "callback_settings")}
     noop = {**bare, "litellm_settings": {"callbacks": ["noop.noop_handler"]}}
-    configs = {}
-    for name, cfg in (
+    variants = [
         ("without proxy_handler", bare),
         ("no-op callback", noop),
         ("with proxy_handler", config),
-    ):
-        d = tmp / name.replace(" ", "-")
+    ]
+    if breakdown:
+        variants += [
+            (name, {**bare, "litellm_settings": {"callbacks": [target]}})
+            for name, target in PARTS.items()
+        ]
+    configs = {}
+    for name, cfg in variants:
+        d = tmp / name.replace(" ", "-").replace(",", "").replace("/", "")
         d.mkdir()
         shutil.copy(EXAMPLE / "custom_auth.py", d / "custom_auth.py")
         (d / "noop.py").write_text(NOOP)
+        (d / "breakdown.py").write_text(BREAKDOWN)
         (d / "config.yaml").write_text(yaml.safe_dump(cfg))
         configs[name] = d / "config.yaml"
     (tmp / "keys.yaml").write_text(
@@ -276,6 +346,11 @@ def main() -> None:
     parser.add_argument(
         "--ledger", default="", help="ledger URL (default: a fresh SQLite file), e.g. memory://"
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also run proxy_handler without ledger I/O and without counting (diagnostics)",
+    )
     args = parser.parse_args()
 
     tokens = count_tokens("gpt-4o", prompt(1))
@@ -283,7 +358,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tb-bench-"))
     procs = []
     try:
-        configs = write_configs(tmp, upstream.base_url, args.ledger)
+        configs = write_configs(tmp, upstream.base_url, args.ledger, args.breakdown)
         env = {
             **os.environ,
             "LITELLM_MASTER_KEY": "sk-" + secrets.token_hex(16),
@@ -352,6 +427,12 @@ def main() -> None:
         f"<= 5% throughput lost: {'met' if lost <= 5.0 else 'MISSED'} ({lost:.1f}% overall, "
         f"{paired_median:.1f}% median of paired rounds)"
     )
+    if args.breakdown:
+        parts = ", ".join(
+            f"{name.removeprefix('handler, ')}: {(1 - res[name]['rps'] / base['rps']) * 100:.1f}%"
+            for name in PARTS
+        )
+        print(f"throughput lost by proxy_handler {lost:.1f}%; with one part stubbed out: {parts}")
     print(f"upstream served {served} requests")
     for name, r in res.items():
         if r["errors"]:
