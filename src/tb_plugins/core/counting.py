@@ -510,6 +510,15 @@ def _snapshot(message: Mapping[Any, Any]) -> dict[Any, Any]:
     return dict(message)
 
 
+class _Unseen(NamedTuple):
+    memo_key: Hashable | None
+    base: _History | None
+    prefix: int
+    messages: list[Mapping[str, Any]]
+    keys: list[Hashable | None]
+    hits: list[int | None]
+
+
 class _HistoryMemo:
     """The most recent histories, keyed by their first message, for agent loops.
 
@@ -702,7 +711,9 @@ class TokenCounter:
             total += self._count_tools(plan, tools)
         return self._finish(plan, total)
 
-    def _count_history(self, encoder: _Encoder, messages: Sequence[Mapping[str, Any]]) -> int:
+    def _unseen(self, encoder: _Encoder, messages: Sequence[Mapping[str, Any]]) -> _Unseen:
+        """The part of a history a count must still look up: after the prefix a remembered
+        history already counted, with each message's cache key and cached count."""
         namespace = encoder.name
         first = _message_key(namespace, messages[0], 0)
         memo_key = first if self._memo is not None and type(messages) is list else None
@@ -717,9 +728,13 @@ class TokenCounter:
             first if i == 0 else _message_key(namespace, m, i)
             for i, m in enumerate(rest, start=prefix)
         ]
+        return _Unseen(memo_key, base, prefix, rest, keys, self._cache.get_many(keys))
+
+    def _count_history(self, encoder: _Encoder, messages: Sequence[Mapping[str, Any]]) -> int:
+        memo_key, base, prefix, rest, keys, hits = self._unseen(encoder, messages)
         counts: list[int] = []
         fresh: list[tuple[Hashable, int]] = []
-        for message, key, hit in zip(rest, keys, self._cache.get_many(keys), strict=True):
+        for message, key, hit in zip(rest, keys, hits, strict=True):
             if hit is None:
                 hit = _count_message(encoder, message)
                 if key is not None:
@@ -777,21 +792,10 @@ class TokenCounter:
         """The text length of the messages a count would encode (not cached, not memoized)."""
         if not messages or isinstance(messages, (str, bytes)):
             return 0
-        namespace = encoder.name
-        first = _message_key(namespace, messages[0], 0)
-        prefix = 0
-        if first is not None and self._memo is not None and type(messages) is list:
-            base = self._memo.get(first)
-            if base is not None:
-                prefix = base.common_prefix(messages)
-        rest = list(itertools.islice(messages, prefix, None))
-        keys = [
-            first if i == 0 else _message_key(namespace, m, i)
-            for i, m in enumerate(rest, start=prefix)
-        ]
+        unseen = self._unseen(encoder, messages)
         return sum(
             _text_size(message)
-            for message, hit in zip(rest, self._cache.get_many(keys), strict=True)
+            for message, hit in zip(unseen.messages, unseen.hits, strict=True)
             if hit is None
         )
 
