@@ -22,7 +22,7 @@ Amount vectors are six integers (see :mod:`tb_plugins.core.usage`). Storage keys
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
 from urllib.parse import quote
@@ -77,6 +77,24 @@ def spread(states: Sequence[_S], index: Sequence[int]) -> tuple[_S, ...]:
 def distinct_watch(watch: Sequence[int] | None, index: Sequence[int]) -> list[int] | None:
     """``watch`` (indexes of given lines) as indexes of the distinct lines (None: all)."""
     return None if watch is None else sorted({index[i] for i in watch})
+
+
+def usage_rows(rows: Iterable[Sequence[Any]]) -> list[UsageRow]:
+    """Report rows from ``(key, requests, denied, input, output, cached input, usd)`` tuples,
+    sorted by key (every backend's ``usage`` ends here)."""
+    out = [
+        UsageRow(
+            key=str(r[0]),
+            requests=int(r[1]),
+            denied=int(r[2]),
+            input_tokens=int(r[3]),
+            output_tokens=int(r[4]),
+            cached_input_tokens=int(r[5]),
+            usd=float(r[6]),
+        )
+        for r in rows
+    ]
+    return sorted(out, key=lambda row: row.key)
 
 
 def line_key(scope: str, window: str) -> str:

@@ -95,6 +95,7 @@ from tb_plugins.ledger.base import (
     ReserveResult,
     SettleResult,
     distinct_lines,
+    usage_rows,
 )
 
 __all__ = ["SCHEMA_SQL", "SCHEMA_VERSION", "PostgresLedger"]
@@ -456,19 +457,9 @@ def _record(row: Sequence[Any]) -> UsageRecord:
 
 
 def _usage_rows(rows: Sequence[Sequence[Any]], group_by: GroupBy) -> list[UsageRow]:
-    out = [
-        UsageRow(
-            key=unquote(str(r[0])) if group_by == "scope" else str(r[0]),
-            requests=int(r[1]),
-            denied=int(r[2]),
-            input_tokens=int(r[3]),
-            output_tokens=int(r[4]),
-            cached_input_tokens=int(r[5]),
-            usd=float(r[6]),
-        )
-        for r in rows
-    ]
-    return sorted(out, key=lambda row: row.key)
+    if group_by == "scope":  # scope names are stored percent-escaped
+        return usage_rows((unquote(str(r[0])), *r[1:]) for r in rows)
+    return usage_rows(rows)
 
 
 def _hide_password(url: str) -> str:

@@ -93,6 +93,7 @@ from tb_plugins.ledger.base import (
     distinct_lines,
     distinct_watch,
     spread,
+    usage_rows,
 )
 
 if TYPE_CHECKING:
@@ -264,18 +265,7 @@ def group_usage(
             row[3] += r.output_tokens
             row[4] += r.cached_input_tokens
             row[5] += r.usd
-    return [
-        UsageRow(
-            key=key,
-            requests=int(v[0]),
-            denied=int(v[1]),
-            input_tokens=int(v[2]),
-            output_tokens=int(v[3]),
-            cached_input_tokens=int(v[4]),
-            usd=float(v[5]),
-        )
-        for key, v in sorted(sums.items())
-    ]
+    return usage_rows((key, *v) for key, v in sums.items())
 
 
 class RedisLedger(Ledger):

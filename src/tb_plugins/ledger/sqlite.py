@@ -61,6 +61,7 @@ from tb_plugins.ledger.base import (
     distinct_lines,
     distinct_watch,
     spread,
+    usage_rows,
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteLedger"]
@@ -877,22 +878,7 @@ class SQLiteLedger(Ledger):
         if sql is None:
             raise ValueError(f"group_by must be 'scope', 'model' or 'day', not {group_by!r}")
         params = {"since": since, "until": until, "scope": scope}
-        rows = self._run(lambda conn: conn.execute(sql, params).fetchall(), write=False)
-        return sorted(
-            (
-                UsageRow(
-                    key=str(r[0]),
-                    requests=int(r[1]),
-                    denied=int(r[2]),
-                    input_tokens=int(r[3]),
-                    output_tokens=int(r[4]),
-                    cached_input_tokens=int(r[5]),
-                    usd=float(r[6]),
-                )
-                for r in rows
-            ),
-            key=lambda row: row.key,
-        )
+        return usage_rows(self._run(lambda conn: conn.execute(sql, params).fetchall(), write=False))
 
     def records(
         self, *, since: float | None = None, until: float | None = None, limit: int | None = None
