@@ -9,6 +9,11 @@
    on object identity.
 2. A first-seen prompt of about 1k tokens: our count (cache cleared every repeat) against
    ``litellm.token_counter`` on the same messages.
+3. The event loop while a first-seen prompt of about 100k tokens is counted: a ticker task
+   (``await asyncio.sleep(0)`` in a loop) runs beside the count, and the table shows the
+   longest the loop went without a tick and how many ticks it made: the count inline on the
+   loop (what a sync check does), against ``aprepare`` then the count (what ``acheck`` does:
+   the encode runs in a worker thread, and tiktoken releases the GIL while it encodes).
 
 All times are ``time.perf_counter`` medians over several repeats.
 
@@ -21,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -165,6 +171,63 @@ def bench_cold(repeats: int) -> dict[str, Any]:
     }
 
 
+def long_prompt() -> list[dict[str, Any]]:
+    rng = random.Random(13)
+    return [{"role": "user", "content": " ".join(sentence(rng, 20) for _ in range(3300))}]
+
+
+async def _ticking(count: Callable[[], Any]) -> tuple[float, float, int]:
+    """(wall seconds, longest gap between ticks, ticks) while ``count()`` is awaited."""
+    done = False
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    start = time.perf_counter()
+    await count()
+    wall = time.perf_counter() - start
+    done = True
+    await task
+    return wall, max(gaps), len(gaps)
+
+
+def bench_loop_stall(repeats: int) -> dict[str, Any]:
+    messages = long_prompt()
+    counter = TokenCounter(offload_chars=0)
+    tokens = counter.count_messages(MODEL, messages)
+
+    async def inline() -> None:
+        counter.count_messages(MODEL, messages)
+
+    async def aprepare() -> None:
+        await counter.aprepare(MODEL, messages)
+        counter.count_messages(MODEL, messages)
+
+    async def run() -> dict[str, Any]:
+        rows: dict[str, Any] = {"tokens": tokens}
+        for label, fn in (("inline", inline), ("aprepare", aprepare)):
+            samples = []
+            for _ in range(repeats):
+                counter.clear_cache()
+                samples.append(await _ticking(fn))
+            rows[label] = {
+                "wall_ms": statistics.median(x[0] for x in samples) * 1e3,
+                "max_stall_ms": statistics.median(x[1] for x in samples) * 1e3,
+                "ticks": statistics.median(x[2] for x in samples),
+            }
+        return rows
+
+    return asyncio.run(run())
+
+
 def print_table(loop: dict[str, Any], cold: dict[str, Any]) -> None:
     print(
         f"Agent loop: {loop['steps']} steps, final history "
@@ -186,19 +249,34 @@ def print_table(loop: dict[str, Any], cold: dict[str, Any]) -> None:
     print(f"{'ratio':<22}{cold['ratio']:>11.1f}x   (litellm / tb_plugins)")
 
 
+def print_stall(stall: dict[str, Any]) -> None:
+    print()
+    print(f"Event loop while a first-seen {stall['tokens']}-token prompt is counted (medians)")
+    print(f"{'count':<16}{'wall (ms)':>10}{'longest stall (ms)':>20}{'loop ticks':>12}")
+    for label in ("inline", "aprepare"):
+        row = stall[label]
+        print(
+            f"{label:<16}{row['wall_ms']:>10.1f}{row['max_stall_ms']:>20.2f}{row['ticks']:>12.0f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=7, help="loops per counter")
     parser.add_argument("--cold-repeats", type=int, default=200)
+    parser.add_argument("--stall-repeats", type=int, default=7)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     loop = bench_loop(args.steps, args.repeats)
     cold = bench_cold(args.cold_repeats)
+    stall = bench_loop_stall(args.stall_repeats)
     if args.json:
-        print(json.dumps({"agent_loop": loop, "first_seen_prompt": cold}, indent=2))
+        print(json.dumps({"agent_loop": loop, "first_seen_prompt": cold, "loop_stall": stall},
+                         indent=2))  # fmt: skip
     else:
         print_table(loop, cold)
+        print_stall(stall)
     return 0
 
 
