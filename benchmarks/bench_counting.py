@@ -9,11 +9,12 @@
    on object identity.
 2. A first-seen prompt of about 1k tokens: our count (cache cleared every repeat) against
    ``litellm.token_counter`` on the same messages.
-3. The event loop while a first-seen prompt of about 100k tokens is counted: a ticker task
+3. The event loop while a first-seen prompt of about 70k tokens is counted: a ticker task
    (``await asyncio.sleep(0)`` in a loop) runs beside the count, and the table shows the
    longest the loop went without a tick and how many ticks it made: the count inline on the
    loop (what a sync check does), against ``aprepare`` then the count (what ``acheck`` does:
-   the encode runs in a worker thread, and tiktoken releases the GIL while it encodes).
+   the encode runs in a worker thread, and tiktoken releases the GIL while it encodes). The
+   wall time of ``aprepare`` is longer because the ticker keeps the loop busy meanwhile.
 
 All times are ``time.perf_counter`` medians over several repeats.
 
