@@ -251,7 +251,7 @@ END
 $$;
 
 -- Replace the hold of p_rid_hash by p_amounts on every line (p_hashes distinct) and log the
--- record (as tb_log does), once per id: the log entry comes first, so a second settle of the
+-- record (with tb_log), once per id: the log entry comes first, so a second settle of the
 -- id waits for the first on the unique index, then changes nothing. Returns a 2-D array: the
 -- row [applied, 0 x 11], then the states after settling of the lines p_watch names (as
 -- tb_states2 computes them); or {{-1}} when a line must be added first (see tb_add_lines;
@@ -276,19 +276,9 @@ BEGIN
     IF found < cardinality(p_hashes) THEN
         RETURN '{{-1}}';
     END IF;
-    WITH u AS (
-        INSERT INTO usage (settled_hash, ts, reservation_id, scopes, model, requested_model,
-                           action, input_tokens, output_tokens, cached_input_tokens, usd,
-                           priced, estimated, extra)
-        VALUES (p_rid_hash, p_ts, p_rid, p_scopes, p_model, p_requested_model, p_action,
-                p_input, p_output, p_cached, p_usd, p_priced, p_estimated, p_extra)
-            ON CONFLICT (settled_hash) DO NOTHING
-        RETURNING id
-    ), s AS (
-        INSERT INTO usage_scopes (usage_id, scope_hash, scope)
-        SELECT u.id, t.h, t.s FROM u, unnest(p_scope_hashes, p_scope_names) AS t(h, s)
-    )
-    SELECT id INTO uid FROM u;
+    uid := tb_log(p_rid_hash, p_ts, p_rid, p_scopes, p_model, p_requested_model, p_action,
+                  p_input, p_output, p_cached, p_usd, p_priced, p_estimated, p_extra,
+                  p_scope_hashes, p_scope_names);
     IF uid IS NULL THEN
         head := '{{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}}';
     ELSE
