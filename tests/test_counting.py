@@ -1034,6 +1034,16 @@ async def test_aprepare_leaves_short_or_counted_text_to_the_count(
     assert count_threads == []
 
 
+async def test_aprepare_leaves_an_iterator_of_messages_unconsumed(
+    count_threads: list[tuple[str, int]],
+) -> None:
+    counter = TokenCounter(offload_chars=0)
+    messages = iter([{"role": "user", "content": "hello " * 50}])
+    await counter.aprepare("gpt-4o", messages)  # type: ignore[arg-type]
+    assert count_threads == []
+    assert next(messages)["content"].startswith("hello")  # still there for the count to reject
+
+
 async def test_aprepare_never_raises_and_the_count_still_names_the_problem() -> None:
     counter = TokenCounter(offload_chars=0)
     bad: Any = [{"content": "no role"}]

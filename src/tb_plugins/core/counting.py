@@ -773,6 +773,10 @@ class TokenCounter:
         if limit is None or self._memo is None:
             return  # without a cache the count would run twice
         try:
+            if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+                return  # not a history: the count says what is wrong with it
+            if sum(_text_size(message) for message in messages) < limit:
+                return  # short in all: no need to look up what is cached
             plan = self._plan(model)
             if not isinstance(plan.encoder, _TiktokenEncoder):
                 return
