@@ -14,7 +14,11 @@ by a stand-in that does nothing (the ledger's I/O; the token count), and prints 
 points of the throughput lost each part accounts for.
 
 * latency: one request at a time, p50 and p99 of the round-trip seen by the client;
-* throughput: ``--concurrency`` requests in flight, requests per second.
+* throughput: ``--concurrency`` requests in flight, requests per second;
+* CPU: during the throughput rounds, the CPU time the proxy process used per request served
+  (all its threads, and its event loop's thread alone), read from ``/proc`` (Linux only): the
+  work ``proxy_handler`` adds to each request, less noisy than requests per second, since the
+  load generator and the fake upstream share the machine.
 
 Only 127.0.0.1 is contacted; the number of requests is bounded by the options::
 
@@ -290,12 +294,31 @@ async def throughput_round(
     return ok, time.perf_counter() - t0
 
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by process ``pid`` and by its main thread;
+    NaN where ``/proc`` cannot tell (not Linux)."""
+
+    def read(path: str) -> float:
+        try:
+            fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / _TICK
+
+    return read(f"/proc/{pid}/stat"), read(f"/proc/{pid}/task/{pid}/stat")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def run(urls: dict[str, str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+async def run(
+    urls: dict[str, str], pids: dict[str, int], args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
     limits = httpx.Limits(
         max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2
     )
@@ -303,6 +326,7 @@ async def run(urls: dict[str, str], args: argparse.Namespace) -> dict[str, dict[
     c = Counter()
     lat: dict[str, list[float]] = {name: [] for name in urls}
     thr: dict[str, list[tuple[int, float]]] = {name: [] for name in urls}
+    cpu: dict[str, list[float]] = {name: [0.0, 0.0] for name in urls}  # process, main thread
     async with httpx.AsyncClient(limits=limits, headers=headers, timeout=60) as client:
         for url in urls.values():  # warm up both (imports, connection pools, SQLite)
             await latency_round(client, url, args.warmup, c)
@@ -313,11 +337,15 @@ async def run(urls: dict[str, str], args: argparse.Namespace) -> dict[str, dict[
                 lat[name] += await latency_round(client, url, args.latency_requests // rounds, c)
         for _ in range(rounds):
             for name, url in urls.items():
+                before = cpu_seconds(pids[name])
                 thr[name].append(
                     await throughput_round(
                         client, url, args.throughput_requests // rounds, args.concurrency, c
                     )
                 )
+                after = cpu_seconds(pids[name])
+                cpu[name][0] += after[0] - before[0]
+                cpu[name][1] += after[1] - before[1]
     out = {}
     for name in urls:
         done = sum(n for n, _ in thr[name])
@@ -330,6 +358,8 @@ async def run(urls: dict[str, str], args: argparse.Namespace) -> dict[str, dict[
             "p99": pct(lat[name], 0.99) * 1e3,
             "mean": statistics.fmean(lat[name]) * 1e3,
             "rps": done / secs,
+            "cpu": cpu[name][0] / done * 1e3,  # ms per request served
+            "cpu_main": cpu[name][1] / done * 1e3,
         }
     return out
 
@@ -378,7 +408,8 @@ def main() -> None:
             f"{args.concurrency} for throughput; ledger {args.ledger or 'sqlite (temp file)'}; "
             f"{os.cpu_count()} CPUs"
         )
-        res = asyncio.run(run(urls, args))
+        pids = {name: proc.pid for name, (proc, _, _) in started.items()}
+        res = asyncio.run(run(urls, pids, args))
         served = len(upstream.requests)
     finally:
         for proc in procs:
@@ -395,17 +426,21 @@ def main() -> None:
         res[k] for k in ("without proxy_handler", "no-op callback", "with proxy_handler")
     )
     print()
-    print(f"{'':24} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'req/s':>8} {'errors':>7}")
+    print(
+        f"{'':24} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'req/s':>8} {'cpu ms':>7} "
+        f"{'loop ms':>7} {'errors':>7}"
+    )
     for name, r in res.items():
         print(
             f"{name:24} {r['p50']:8.2f} {r['p99']:8.2f} {r['mean']:8.2f} {r['rps']:8.1f} "
-            f"{r['errors']:7d}"
+            f"{r['cpu']:7.2f} {r['cpu_main']:7.2f} {r['errors']:7d}"
         )
     d50, d99 = tb["p50"] - base["p50"], tb["p99"] - base["p99"]
     lost = (1 - tb["rps"] / base["rps"]) * 100
     print(
         f"{'added by proxy_handler':24} {d50:+8.2f} {d99:+8.2f} "
-        f"{tb['mean'] - base['mean']:+8.2f} {-lost:+7.1f}%"
+        f"{tb['mean'] - base['mean']:+8.2f} {-lost:+7.1f}% {tb['cpu'] - base['cpu']:+7.2f} "
+        f"{tb['cpu_main'] - base['cpu_main']:+7.2f}"
     )
     own_lost = (1 - tb["rps"] / noop["rps"]) * 100
     # Each round runs the proxies back to back: the loss within a round is free of drift.
@@ -415,7 +450,8 @@ def main() -> None:
     paired_median = statistics.median(paired)
     print(
         f"{'  of which tb_plugins':24} {tb['p50'] - noop['p50']:+8.2f} "
-        f"{tb['p99'] - noop['p99']:+8.2f} {tb['mean'] - noop['mean']:+8.2f} {-own_lost:+7.1f}%"
+        f"{tb['p99'] - noop['p99']:+8.2f} {tb['mean'] - noop['mean']:+8.2f} {-own_lost:+7.1f}% "
+        f"{tb['cpu'] - noop['cpu']:+7.2f} {tb['cpu_main'] - noop['cpu_main']:+7.2f}"
     )
     print(
         f"throughput lost per round (paired, {len(paired)} rounds): median {paired_median:.1f}%,"
