@@ -15,6 +15,12 @@ also from every process at once: the p50 of one durable commit of a 1-row INSERT
 connection, ``synchronous_commit=on``), i.e. the WAL flush (fsync) a durable settle waits for on
 this machine. Redis rows show ``-`` there.
 
+``server µs`` (PostgreSQL, when the user may set ``track_functions``, e.g. a superuser) is the
+time the server itself spent per call in the ledger's reserve function plus its settle
+function, averaged over the row's calls (``pg_stat_user_functions``; the sessions run with
+``track_functions = pl``): the part of a cycle that is neither the round trips, nor the
+commit's WAL flush, nor the client.
+
 The settle reads back the states of the lines named by ``--watch``, as the guard does (it passes
 only the lines that have alert thresholds, often none or one of the 4): by default line 0
 (``global``); ``--watch all`` reads back every line, ``--watch none`` none.
@@ -160,6 +166,7 @@ class Row:
     admitted: int
     counted: int
     held: int
+    server: float | None = None  # seconds per reserve + settle inside the PostgreSQL server
 
     @property
     def rate(self) -> float:
@@ -224,6 +231,57 @@ def run_one(backend: str, url: str, procs: int, cycles: int, floors: int,
         counted=counted,
         held=held,
     )
+
+
+def _admin(url: str) -> str:
+    """The URL without the ledger's options, for a plain psycopg connection."""
+    return url.split("?", 1)[0]
+
+
+def with_function_timing(url: str) -> str:
+    """``url`` with ``track_functions = pl`` for the ledger's sessions, if this user may set
+    it (a superuser may); else ``url`` unchanged."""
+    import psycopg
+
+    try:
+        with psycopg.connect(_admin(url), options="-c track_functions=pl"):
+            pass
+    except psycopg.Error:
+        return url
+    return url + "&options=-c%20track_functions%3Dpl"
+
+
+def function_times(url: str, schema: str) -> dict[str, tuple[int, float]]:
+    """Calls and total milliseconds per ledger function of ``schema`` (server statistics)."""
+    import psycopg
+
+    with psycopg.connect(_admin(url), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT funcname, calls, total_time FROM pg_stat_user_functions WHERE schemaname = %s",
+            (schema,),
+        ).fetchall()
+    return {name: (calls, total) for name, calls, total in rows}
+
+
+def server_time(url: str, schema: str, before: dict[str, tuple[int, float]],
+                expected: int) -> float | None:  # fmt: skip
+    """Seconds per reserve + settle spent inside the server since ``before``: the statistics
+    of the workers' sessions, once they have all reached the server (``expected`` reserve
+    calls, or after 5 s)."""
+    deadline = time.monotonic() + 5
+    while True:
+        after = function_times(url, schema)
+        calls = {f: after.get(f, (0, 0.0))[0] - before.get(f, (0, 0.0))[0] for f in _TIMED}
+        if calls[_TIMED[0]] >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if not all(calls.values()):
+        return None
+    per_call = [(after[f][1] - before.get(f, (0, 0.0))[1]) / calls[f] / 1e3 for f in _TIMED]
+    return sum(per_call)
+
+
+_TIMED = ("tb_reserve2", "tb_settle2")
 
 
 def make_commit_table(url: str) -> str:
@@ -297,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.floor} floor samples per process; 4 lines per call; settle watch="
           f"{args.watch}\n")  # fmt: skip
     header = (f"{'backend':<9}{'procs':>5}{'cycles/s':>10}{'p50 µs':>9}{'p99 µs':>9}"
-              f"{'floor µs':>10}{'commit µs':>10}{'p50/floor':>10}{'K':>7}{'admitted':>9}"
-              f"{'overshoot':>10}{'held':>6}")  # fmt: skip
+              f"{'floor µs':>10}{'commit µs':>10}{'server µs':>10}{'p50/floor':>10}{'K':>7}"
+              f"{'admitted':>9}{'overshoot':>10}{'held':>6}")  # fmt: skip
     print(header)
     print("-" * len(header))
     failed = False
@@ -309,16 +367,24 @@ def main(argv: list[str] | None = None) -> int:
             ledger.ping()  # type: ignore[attr-defined]  # creates the schema
             ledger.close()
             commit_table = None
+            schema = namespace if backend != "pg-async" else f"{namespace}_a"
             if backend != "redis":
                 commit_table = make_commit_table(url)
+                url = with_function_timing(url)
             for procs in procs_list:
+                timed = backend != "redis" and "track_functions" in url
+                before = function_times(url, schema) if timed else {}
                 row = run_one(backend, url, procs, args.cycles, args.floor, watch, commit_table)
+                if timed:
+                    row.server = server_time(url, schema, before, procs * (args.cycles + 20))
                 ratio = row.p50 / row.floor_p50
                 over = row.admitted - row.limit
                 failed |= over != 0 or row.counted != row.admitted or row.held != 0
                 commit = "-" if row.commit_p50 is None else f"{row.commit_p50 * 1e6:,.0f}"
+                server = "-" if row.server is None else f"{row.server * 1e6:,.0f}"
                 print(f"{backend:<9}{procs:>5}{row.rate:>10,.0f}{row.p50 * 1e6:>9,.0f}"
                       f"{row.p99 * 1e6:>9,.0f}{row.floor_p50 * 1e6:>10,.0f}{commit:>10}"
+                      f"{server:>10}"
                       f"{ratio:>9.2f}x{row.limit:>7}{row.admitted:>9}{over:>10}{row.held:>6}",
                       flush=True)  # fmt: skip
         finally:
