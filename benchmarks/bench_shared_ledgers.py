@@ -233,6 +233,9 @@ def run_one(backend: str, url: str, procs: int, cycles: int, floors: int,
     )
 
 
+_TIMED = ("tb_reserve2", "tb_settle2")  # the PostgreSQL ledger's reserve and settle functions
+
+
 def _admin(url: str) -> str:
     """The URL without the ledger's options, for a plain psycopg connection."""
     return url.split("?", 1)[0]
@@ -279,9 +282,6 @@ def server_time(url: str, schema: str, before: dict[str, tuple[int, float]],
         return None
     per_call = [(after[f][1] - before.get(f, (0, 0.0))[1]) / calls[f] / 1e3 for f in _TIMED]
     return sum(per_call)
-
-
-_TIMED = ("tb_reserve2", "tb_settle2")
 
 
 def make_commit_table(url: str) -> str:
@@ -362,12 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for backend in args.backend or ["redis", "postgres", "pg-async"]:
         url = urls[backend]
+        schema = namespace if backend != "pg-async" else f"{namespace}_a"  # or key prefix
         try:
             ledger: Ledger = ledger_from_url(url)
             ledger.ping()  # type: ignore[attr-defined]  # creates the schema
             ledger.close()
             commit_table = None
-            schema = namespace if backend != "pg-async" else f"{namespace}_a"
             if backend != "redis":
                 commit_table = make_commit_table(url)
                 url = with_function_timing(url)
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{ratio:>9.2f}x{row.limit:>7}{row.admitted:>9}{over:>10}{row.held:>6}",
                       flush=True)  # fmt: skip
         finally:
-            cleanup(backend, url, namespace if backend != "pg-async" else f"{namespace}_a")
+            cleanup(backend, url, schema)
     print(f"\np50/floor target: <= {TARGET}x; overshoot and held must be 0.")
     if failed:
         print("FAIL: a ledger admitted, counted or kept holds other than it should",
