@@ -253,9 +253,9 @@ $$;
 -- Replace the hold of p_rid_hash by p_amounts on every line (p_hashes distinct) and log the
 -- record (with tb_log), once per id: the log entry comes first, so a second settle of the
 -- id waits for the first on the unique index, then changes nothing. Returns a 2-D array: the
--- row [applied, 0 x 11], then the states after settling of the lines p_watch names (as
--- tb_states2 computes them); or {{-1}} when a line must be added first (see tb_add_lines;
--- nothing was written). Takes no line lock (see the top of this file); the counter rows are
+-- row [applied, 0 x 11], then the states after settling of the lines p_watch names (from
+-- tb_states2); or {{-1}} when a line must be added first (see tb_add_lines; nothing was
+-- written). Takes no line lock (see the top of this file); the counter rows are
 -- locked in key_hash order.
 CREATE OR REPLACE FUNCTION tb_settle2(
     p_rid_hash bytea, p_hashes bytea[], p_buckets bigint[], p_lows bigint[],
@@ -304,23 +304,7 @@ BEGIN
     IF cardinality(p_watch) = 0 THEN
         RETURN head;
     END IF;
-    SELECT array_agg(ARRAY[c.a1, c.a2, c.a3, c.a4, c.a5, c.a6,
-                           h.a1, h.a2, h.a3, h.a4, h.a5, h.a6] ORDER BY t.o)
-      INTO st
-      FROM unnest(p_watch) WITH ORDINALITY AS t(i, o)
-     CROSS JOIN LATERAL (
-           SELECT tb_sum(tokens), tb_sum(input_tokens), tb_sum(output_tokens), tb_sum(usd),
-                  tb_sum(requests), tb_sum(calls)
-             FROM counters
-            WHERE key_hash = p_hashes[t.i]
-              AND bucket BETWEEN p_lows[t.i] AND p_buckets[t.i]) AS c(a1, a2, a3, a4, a5, a6)
-     CROSS JOIN LATERAL (
-           SELECT tb_sum(tokens), tb_sum(input_tokens), tb_sum(output_tokens), tb_sum(usd),
-                  tb_sum(requests), tb_sum(calls)
-             FROM holds
-            WHERE key_hash = p_hashes[t.i]
-              AND bucket BETWEEN p_lows[t.i] AND p_buckets[t.i]
-              AND expires_at > p_now) AS h(a1, a2, a3, a4, a5, a6);
+    st := tb_states2(p_hashes, p_lows, p_buckets, p_now, p_watch);  -- sees this settle's writes
     RETURN array_cat(head, st);
 END
 $$;
