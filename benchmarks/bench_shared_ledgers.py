@@ -2,7 +2,7 @@
 the network floor measured in the same run.
 
 For each backend and process count, every process first times ``--floor`` pairs of bare round
-trips (a no-op ``EVALSHA`` of the ledger's own script for Redis, ``SELECT 1`` for PostgreSQL),
+trips (``EVALSHA`` of the no-op script ``return 1`` for Redis, ``SELECT 1`` for PostgreSQL),
 all processes at once, then runs ``--cycles`` reserve (+ settle when admitted) cycles on a scope
 path of 4 lines (``global`` per month, ``team`` and ``user`` per day, ``agent`` rolling:1m), all
 at once. The ``global`` line's ``requests`` limit admits exactly K = 3/4 of the attempts, so the
@@ -285,6 +285,9 @@ def worker(backend: str, url: str, run: str, index: int, cycles: int, floors: in
     """A child: connect and warm up, then (all at once) the floor and the commit reference,
     then the cycles."""
     ledger = open_ledger(backend, url)
+    # Redis's floor is the barest script call, the same for the ledger and its bound (the
+    # ledger's own no-op runs the prologue of its script).
+    probe = ledger if not backend.startswith("redis") else RedisBound(url)
     conn: Any = None
     if commit_table is not None:
         import psycopg
@@ -299,11 +302,11 @@ def worker(backend: str, url: str, run: str, index: int, cycles: int, floors: in
     cost = amounts(100, 20, 1500)
     scopes = tuple(ln.scope for ln in lines)
     for i in range(20):  # connections, script cache, prepared statements
-        floor_once(ledger)
+        floor_once(probe)
         ledger.reserve(f"warm-{index}-{i}", warm, cost, now=now, expires_at=now + TTL)
         ledger.release(f"warm-{index}-{i}", now=now)
     barrier.wait()
-    floor = [floor_once(ledger) for _ in range(floors)]
+    floor = [floor_once(probe) for _ in range(floors)]
     commits = [] if conn is None else [commit_once(conn, commit_table or "") for _ in range(floors)]
     if conn is not None:
         conn.close()
@@ -325,6 +328,8 @@ def worker(backend: str, url: str, run: str, index: int, cycles: int, floors: in
             admitted += 1
     elapsed = time.perf_counter() - start
     ledger.close()
+    if probe is not ledger:
+        probe.close()
     results.put((admitted, elapsed, latencies, floor, now, commits))
 
 
