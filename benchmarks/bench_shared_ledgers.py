@@ -2,7 +2,7 @@
 the network floor measured in the same run.
 
 For each backend and process count, every process first times ``--floor`` pairs of bare round
-trips (``EVALSHA`` of the no-op script ``return 1`` for Redis, ``SELECT 1`` for PostgreSQL),
+trips (``PING`` for Redis, ``SELECT 1`` for PostgreSQL),
 all processes at once, then runs ``--cycles`` reserve (+ settle when admitted) cycles on a scope
 path of 4 lines (``global`` per month, ``team`` and ``user`` per day, ``agent`` rolling:1m), all
 at once. The ``global`` line's ``requests`` limit admits exactly K = 3/4 of the attempts, so the
@@ -103,6 +103,16 @@ def make_lines(run: str, worker: int, limit: int, now: float) -> list[Line]:
     return lines
 
 
+def _admin(url: str) -> str:
+    """The URL without the ledger's options, for a plain client connection."""
+    return url.split("?", 1)[0]
+
+
+def url_option(url: str, name: str) -> str:
+    """An option of a ledger URL's query, e.g. its ``schema`` or ``prefix``."""
+    return dict(parse_qsl(urlsplit(url).query))[name]
+
+
 def floor_once(ledger: Any) -> float:
     """Two bare round trips, in seconds."""
     start = time.perf_counter()
@@ -152,8 +162,8 @@ class PgBound:
     def __init__(self, url: str) -> None:
         import psycopg
 
-        self.schema = dict(parse_qsl(urlsplit(url).query))["schema"]
-        dsn = url.split("?", 1)[0]
+        self.schema = url_option(url, "schema")
+        dsn = _admin(url)
         self._settle = psycopg.connect(dsn, autocommit=True)
         self._reserve = psycopg.connect(dsn, autocommit=True)
         self._reserve.execute("SET synchronous_commit = off")
@@ -227,7 +237,6 @@ local seq = redis.call('INCR', KEYS[1] .. ':bseq')
 redis.call('ZADD', KEYS[1] .. ':blog', 0, string.format('%016x', seq) .. ARGV[3])
 return 1
 """
-_REDIS_BOUND_NOOP = "return 1"
 
 
 class RedisBound:
@@ -236,15 +245,14 @@ class RedisBound:
     def __init__(self, url: str) -> None:
         import redis
 
-        self.prefix = "{tb:" + dict(parse_qsl(urlsplit(url).query))["prefix"] + "}"
-        self._client = redis.Redis.from_url(url.split("?", 1)[0])
+        self.prefix = "{tb:" + url_option(url, "prefix") + "}"
+        self._client = redis.Redis.from_url(_admin(url))
         self._shas = [
-            self._client.script_load(s)
-            for s in (_REDIS_BOUND_RESERVE, _REDIS_BOUND_SETTLE, _REDIS_BOUND_NOOP)
+            self._client.script_load(s) for s in (_REDIS_BOUND_RESERVE, _REDIS_BOUND_SETTLE)
         ]
 
     def ping(self) -> None:
-        self._client.evalsha(self._shas[2], 1, self.prefix)
+        self._client.ping()
 
     def server_time(self) -> float:
         seconds, micros = self._client.time()
@@ -285,14 +293,11 @@ def worker(backend: str, url: str, run: str, index: int, cycles: int, floors: in
     """A child: connect and warm up, then (all at once) the floor and the commit reference,
     then the cycles."""
     ledger = open_ledger(backend, url)
-    # Redis's floor is the barest script call, the same for the ledger and its bound (the
-    # ledger's own no-op runs the prologue of its script).
-    probe = ledger if not backend.startswith("redis") else RedisBound(url)
     conn: Any = None
     if commit_table is not None:
         import psycopg
 
-        conn = psycopg.connect(url.split("?", 1)[0], autocommit=True)
+        conn = psycopg.connect(_admin(url), autocommit=True)
         conn.execute("SET synchronous_commit = on")
         for _ in range(20):
             commit_once(conn, commit_table)
@@ -302,11 +307,11 @@ def worker(backend: str, url: str, run: str, index: int, cycles: int, floors: in
     cost = amounts(100, 20, 1500)
     scopes = tuple(ln.scope for ln in lines)
     for i in range(20):  # connections, script cache, prepared statements
-        floor_once(probe)
+        floor_once(ledger)
         ledger.reserve(f"warm-{index}-{i}", warm, cost, now=now, expires_at=now + TTL)
         ledger.release(f"warm-{index}-{i}", now=now)
     barrier.wait()
-    floor = [floor_once(probe) for _ in range(floors)]
+    floor = [floor_once(ledger) for _ in range(floors)]
     commits = [] if conn is None else [commit_once(conn, commit_table or "") for _ in range(floors)]
     if conn is not None:
         conn.close()
@@ -328,8 +333,6 @@ def worker(backend: str, url: str, run: str, index: int, cycles: int, floors: in
             admitted += 1
     elapsed = time.perf_counter() - start
     ledger.close()
-    if probe is not ledger:
-        probe.close()
     results.put((admitted, elapsed, latencies, floor, now, commits))
 
 
@@ -432,11 +435,6 @@ def run_one(backend: str, url: str, procs: int, cycles: int, floors: int,
 _TIMED = ("tb_reserve2", "tb_settle2")  # the PostgreSQL ledger's reserve and settle functions
 
 
-def _admin(url: str) -> str:
-    """The URL without the ledger's options, for a plain psycopg connection."""
-    return url.split("?", 1)[0]
-
-
 def with_function_timing(url: str) -> str:
     """``url`` with ``track_functions = pl`` for the ledger's sessions, if this user may set
     it (a superuser may); else ``url`` unchanged."""
@@ -484,8 +482,8 @@ def make_commit_table(url: str) -> str:
     """A 1-column table in the ledger's schema for the commit reference; returns its name."""
     import psycopg
 
-    schema = dict(parse_qsl(urlsplit(url).query))["schema"]
-    with psycopg.connect(url.split("?", 1)[0], autocommit=True) as conn:
+    schema = url_option(url, "schema")
+    with psycopg.connect(_admin(url), autocommit=True) as conn:
         conn.execute(f"CREATE TABLE IF NOT EXISTS {schema}.bench_commit (x int)")  # type: ignore[arg-type]
     return f"{schema}.bench_commit"
 
@@ -495,7 +493,7 @@ def cleanup(backend: str, url: str, namespace: str) -> None:
     if backend == "redis":
         import redis
 
-        client = redis.Redis.from_url(url.split("?", 1)[0])
+        client = redis.Redis.from_url(_admin(url))
         keys = list(client.scan_iter(match=f"{{tb:{namespace}}}*", count=1000))
         for i in range(0, len(keys), 500):
             client.delete(*keys[i : i + 500])
@@ -504,7 +502,7 @@ def cleanup(backend: str, url: str, namespace: str) -> None:
         import psycopg
         from psycopg import sql
 
-        with psycopg.connect(url.split("?", 1)[0], autocommit=True) as conn:
+        with psycopg.connect(_admin(url), autocommit=True) as conn:
             conn.execute("SET client_min_messages = warning")
             conn.execute(
                 sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(namespace))
@@ -538,13 +536,6 @@ def main(argv: list[str] | None = None) -> int:
         watch = [int(i) for i in args.watch.split(",")]
     procs_list = [int(p) for p in args.procs.split(",")]
     namespace = f"tbbench_{uuid.uuid4().hex[:8]}"
-    names = {
-        "redis": namespace,
-        "redis-bound": f"{namespace}_b",
-        "postgres": namespace,
-        "pg-async": f"{namespace}_a",
-        "pg-bound": f"{namespace}_b",
-    }
     urls = {
         "redis": f"{args.redis}?prefix={namespace}",
         "postgres": f"{args.postgres}?schema={namespace}",
@@ -565,8 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for backend in args.backend or BACKENDS:
         url = urls[backend]
-        schema = names[backend]  # or key prefix
         redis_like = backend.startswith("redis")
+        schema = url_option(url, "prefix" if redis_like else "schema")
         try:
             ledger = open_ledger(backend, url)
             ledger.ping()  # creates the schema

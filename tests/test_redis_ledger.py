@@ -174,7 +174,7 @@ def test_reserve_settle_and_release_are_one_script_call_each(
     led = ledger_from_url(redis_url("one", port=own_redis.port))
     assert isinstance(led, RedisLedger)
     lines = [make_line("global"), make_line("team:t", "rolling:1h"), make_line("user:u")]
-    led.ping()
+    led.status(lines, now=T0)  # loads the script
     sent: list[str] = []
     real = led._client.execute_command
 

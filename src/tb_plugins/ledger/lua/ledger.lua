@@ -464,8 +464,6 @@ elseif op == 'log' then
   log(ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]))
   return 1
 
-elseif op == 'noop' then
-  return 1
 end
 
 return redis.error_reply('tb_plugins ledger: unknown operation ' .. tostring(op))
