@@ -6,6 +6,25 @@ Every counter in every ledger holds the same six integers, in this order::
 
 Integers keep arithmetic exact and atomic in SQL and Lua alike; a dollar is ``10**9`` units,
 fine enough for an embedding of a few tokens.
+
+Every amount that enters tb_plugins has a maximum, checked where it enters (a request, a
+usage report, a policy, an override), so that no sum a ledger keeps can pass 64 bits and an
+overflow is never mistaken for an unreachable ledger:
+
+==========================  =======================  ==========================================
+amount                      maximum                  where it is checked
+==========================  =======================  ==========================================
+tokens of one call          :data:`MAX_CALL_TOKENS`  ``check(max_tokens=, input_tokens=)``,
+                            (10**9)                  :class:`Usage`, counted prompts
+dollars of one call         :data:`MAX_CALL_USD`     :class:`Usage` ``usd``
+                            ($1,000,000)
+a budget limit (tokens,     :data:`MAX_LIMIT`        the policy, overrides
+requests, calls)            (10**15)
+a budget limit (dollars)    :data:`MAX_LIMIT_USD`    the policy, overrides
+                            ($1,000,000,000)
+a price per token           :data:`MAX_PRICE`        the policy's ``prices:``
+                            ($0.01, i.e. $10k / 1M)
+==========================  =======================  ==========================================
 """
 
 from __future__ import annotations
@@ -19,6 +38,18 @@ UNIT_INDEX: dict[str, int] = {name: i for i, name in enumerate(UNITS)}
 TOKENS, INPUT_TOKENS, OUTPUT_TOKENS, USD, REQUESTS, CALLS = range(6)
 NANO = 1_000_000_000
 
+MAX_CALL_TOKENS = 1_000_000_000
+"""Most tokens one call may report or reserve per field (a thousand times today's largest
+context window)."""
+MAX_CALL_USD = 1_000_000.0
+"""Most dollars one call's usage may report."""
+MAX_LIMIT = 10**15
+"""Largest limit in tokens, requests or calls."""
+MAX_LIMIT_USD = 1_000_000_000.0
+"""Largest limit in dollars (10**18 nano-dollars, under 2**63)."""
+MAX_PRICE = 0.01
+"""Largest price per token in dollars ($10,000 per million tokens)."""
+
 Amounts = tuple[int, int, int, int, int, int]
 """Six non-negative integers in :data:`UNITS` order (usd in nano-dollars)."""
 
@@ -27,6 +58,45 @@ Limits = tuple[int | None, int | None, int | None, int | None, int | None, int |
 
 ZERO: Amounts = (0, 0, 0, 0, 0, 0)
 NO_LIMITS: Limits = (None, None, None, None, None, None)
+
+
+def check_count(name: str, value: object, maximum: int = MAX_CALL_TOKENS) -> int:
+    """``value`` as a whole number in ``[0, maximum]``, or a clear error.
+
+    Raises:
+        TypeError: not an integer (``bool`` and floats such as ``1.5`` or NaN included).
+        ValueError: negative or above ``maximum``.
+
+    Example:
+        >>> check_count("max_tokens", 500)
+        500
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a whole number of tokens, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} is {value:,}, above the maximum of {maximum:,}")
+    return value
+
+
+def check_usd(name: str, value: object, maximum: float = MAX_CALL_USD) -> float:
+    """``value`` as dollars in ``[0, maximum]`` (finite), or a clear error.
+
+    Raises:
+        TypeError: not a number (``bool`` included).
+        ValueError: negative, NaN, infinite or above ``maximum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of dollars, got {value!r}")
+    usd = float(value)
+    if not math.isfinite(usd):
+        raise ValueError(f"{name} must be a finite number of dollars, got {value!r}")
+    if usd < 0:
+        raise ValueError(f"{name} must not be negative, got {value!r}")
+    if usd > maximum:
+        raise ValueError(f"{name} is ${usd:,.2f}, above the maximum of ${maximum:,.0f}")
+    return usd
 
 
 def usd_to_nano(usd: float, *, round_up: bool = False) -> int:
@@ -88,10 +158,63 @@ class Usage:
     model: str | None = None
     usd: float | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens"):
+            check_count(f"Usage.{name}", getattr(self, name))
+        if self.usd is not None:
+            check_usd("Usage.usd", self.usd)
+        if self.model is not None and not isinstance(self.model, str):
+            raise TypeError(f"Usage.model must be a string, got {self.model!r}")
+
+    @classmethod
+    def reported(
+        cls,
+        input_tokens: object,
+        output_tokens: object,
+        cached_input_tokens: object = 0,
+        reasoning_tokens: object = 0,
+        model: str | None = None,
+    ) -> Usage:
+        """Usage as a provider reported it, made safe to charge: a count that is not a whole
+        number (None, text, NaN) or is negative counts 0, one above :data:`MAX_CALL_TOKENS`
+        counts that maximum. Integrations use it for what arrives over the wire, so that odd
+        usage is still charged instead of being dropped.
+
+        Example:
+            >>> Usage.reported(-5, 10**20).output_tokens
+            1000000000
+        """
+        values = [
+            _reported(v)
+            for v in (input_tokens, output_tokens, cached_input_tokens, reasoning_tokens)
+        ]
+        values[2] = min(values[2], values[0])
+        values[3] = min(values[3], values[1])
+        return cls(
+            values[0], values[1], values[2], values[3], model if isinstance(model, str) else None
+        )
+
     @property
     def total_tokens(self) -> int:
         """Input plus output tokens."""
         return self.input_tokens + self.output_tokens
+
+
+def _reported(value: object) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return MAX_CALL_TOKENS if value > 0 else 0
+        value = math.ceil(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            return 0
+    if not isinstance(value, int):
+        return 0
+    return min(max(value, 0), MAX_CALL_TOKENS)
 
 
 @dataclass(frozen=True)
