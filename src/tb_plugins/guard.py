@@ -29,7 +29,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -46,7 +46,9 @@ from tb_plugins.core.policy import (
     remaining,
 )
 from tb_plugins.core.pricing import ModelPrice, PriceTable, Pricing
+from tb_plugins.core.scopes import normalize_scope
 from tb_plugins.core.usage import (
+    MAX_CALL_TOKENS,
     NANO,
     UNITS,
     Amounts,
@@ -55,6 +57,7 @@ from tb_plugins.core.usage import (
     UsageRecord,
     UsageRow,
     amounts,
+    check_count,
     nano_to_usd,
     unit_value,
     usd_to_nano,
@@ -84,6 +87,7 @@ _Op = tuple[str, tuple[Any, ...], dict[str, Any]]
 _MAX_ATTEMPTS = 6
 _CLOCK_SYNC_EVERY = 60.0
 _FLUSH_EVERY = 5.0
+_REJECTED_MEMORY = 10_000
 _HINT = "a budget is past its downgrade_at fraction"
 # A run or session is over once it stops calling: its never-resetting counters may be pruned
 # this long after its last charge, so per-run budgets do not grow the ledger forever.
@@ -156,6 +160,7 @@ class Decision:
     expires_at: float = 0.0
     lines: tuple[LinePlan, ...] = field(default=(), repr=False)
     plan: Plan | None = field(default=None, repr=False)
+    issuer: str = field(default="", repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -268,6 +273,9 @@ class BudgetGuard:
         policy: the validated policy (see :func:`tb_plugins.config.load_policy`).
         ledger: a ledger, or None to open ``policy.ledger``.
         clock: epoch seconds now; inject one in tests.
+        monotonic: a clock that never steps back, for the time elapsed since the guard last
+            read a shared ledger's clock (default ``time.monotonic``, or ``clock`` when a
+            ``clock`` is injected).
         tokenizer: counts input tokens (default: tiktoken offline, approximations elsewhere).
         prices: a price table (default: LiteLLM's bundled map) under the policy's overrides.
         alert_sinks: callables receiving :class:`~tb_plugins.alerts.Alert`, besides the
@@ -287,6 +295,7 @@ class BudgetGuard:
         ledger: Ledger | None = None,
         *,
         clock: Clock | None = None,
+        monotonic: Clock | None = None,
         tokenizer: Tokenizer | None = None,
         prices: PriceTable | None = None,
         alert_sinks: Iterable[AlertSink] = (),
@@ -296,6 +305,8 @@ class BudgetGuard:
         self.policy = policy
         self.ledger = ledger or ledger_from_url(policy.ledger, timeout=policy.ledger_timeout)
         self.clock: Clock = clock or system_clock
+        self._mono: Clock = monotonic or clock or time.monotonic
+        self._issuer = os.urandom(8).hex()  # marks this guard's decisions
         self.tokenizer: Tokenizer = tokenizer or default_counter()
         overrides = {
             m: ModelPrice(p.input, p.output, p.cached_input, source="policy")
@@ -326,11 +337,15 @@ class BudgetGuard:
         self._path_lines = _LRU(4096)
         self._paths: dict[tuple[Any, ...], tuple[str, ...]] = {}  # validated scope paths
         self._pending: list[_Pending] = []
+        self._rejected: list[UsageRecord] = []
         self._pending_lock = threading.Lock()
         self._last_flush = 0.0
         self._warned_unpriced: set[str] = set()
-        self._offset = 0.0
-        self._offset_at: float | None = None
+        # A shared ledger's clock: its time at the last reading, and our monotonic time then.
+        self._server_at: float | None = None
+        self._server_mono = 0.0
+        self._synced_at: float | None = None
+        self._last_now = float("-inf")
         # Line keys last seen past a downgrade_at fraction (only those: the set stays small).
         self._hints: set[str] = set()
         self.listeners: list[Callable[[str, Mapping[str, Any]], None]] = []
@@ -399,10 +414,18 @@ class BudgetGuard:
             UnpricedModel: no price is known and the policy says ``unpriced: deny``.
             LedgerUnavailable: the ledger is down and the policy says ``fail_closed``.
         """
-        self._sync_clock()
-        self._maybe_flush()
+        down = self._sync_clock() or self._maybe_flush()
         flow = self._check_flow(
-            model, messages, max_tokens, scopes, tools, prompt, input_tokens, reservation_id, adjust
+            model,
+            messages,
+            max_tokens,
+            scopes,
+            tools,
+            prompt,
+            input_tokens,
+            reservation_id,
+            adjust,
+            down,
         )
         return self._drive(flow)
 
@@ -425,21 +448,41 @@ class BudgetGuard:
         :meth:`TokenCounter.aprepare <tb_plugins.core.counting.TokenCounter.aprepare>`), so
         counting does not hold up the event loop.
         """
-        await self._async_sync_clock()
-        await self._amaybe_flush()
+        down = await self._async_sync_clock() or await self._amaybe_flush()
         if messages is not None and input_tokens is None:
             prepare = getattr(self.tokenizer, "aprepare", None)
             if prepare is not None:
                 await prepare(model, messages, tools)
         flow = self._check_flow(
-            model, messages, max_tokens, scopes, tools, prompt, input_tokens, reservation_id, adjust
+            model,
+            messages,
+            max_tokens,
+            scopes,
+            tools,
+            prompt,
+            input_tokens,
+            reservation_id,
+            adjust,
+            down,
         )
         return await self._adrive(flow)
 
     def settle(self, decision: Decision, usage: Usage | None = None) -> Charge:
         """Charge what the call really used (``usage=None``: charge the estimate, e.g. for a
         stream that ended without reporting usage). Idempotent per decision; never raises for
-        ledger trouble: unwritten spend is kept and written when the ledger is back."""
+        ledger trouble: spend the ledger could not take is kept and written when it is back,
+        and spend it refused (a value out of its range) is logged and kept in
+        :attr:`rejected`.
+
+        The call is charged to the windows it was admitted in and dated in the usage log at
+        its admission (``decision.created_at``), so a call reserved at 23:59:59 and settled at
+        00:00:01 is in the day before, in both the budget and the report. Rolling windows are
+        the exception: their spend counts from the settle, so a call that lasted longer than
+        the window is still counted in it.
+
+        Raises:
+            ValueError: ``decision`` was not made by this guard.
+        """
         return self._drive(self._settle_flow(decision, usage))
 
     async def asettle(self, decision: Decision, usage: Usage | None = None) -> Charge:
@@ -448,7 +491,12 @@ class BudgetGuard:
 
     def release(self, decision: Decision) -> None:
         """Return the hold of a call that failed or was cancelled before using anything.
-        Never raises: a hold the ledger could not drop expires by itself after its TTL."""
+        Never raises for ledger trouble: a hold the ledger could not drop expires by itself
+        after its TTL.
+
+        Raises:
+            ValueError: ``decision`` was not made by this guard.
+        """
         self._drive(self._release_flow(decision))
 
     async def arelease(self, decision: Decision) -> None:
@@ -456,6 +504,7 @@ class BudgetGuard:
         await self._adrive(self._release_flow(decision))
 
     def _release_flow(self, decision: Decision) -> Generator[_Op, Any, None]:
+        self._own(decision)
         if not decision.local:
             yield from self._quiet("release", (decision.reservation_id,), {"now": self.now()})
 
@@ -485,29 +534,50 @@ class BudgetGuard:
         return self.ledger.usage(since=_ts(since), until=_ts(until), group_by=group_by, scope=scope)
 
     def now(self) -> float:
-        """The guard's clock (the ledger server's time for shared ledgers)."""
-        return self.clock() + self._offset
+        """The guard's clock: the ledger server's time for shared ledgers (its last reading
+        plus the monotonic time since), else the local clock; it never goes back, so a clock
+        stepped back cannot reopen a window that was spent."""
+        if self._server_at is not None:
+            t = self._server_at + (self._mono() - self._server_mono)
+        else:
+            t = self.clock()
+        if t < self._last_now:
+            return self._last_now
+        self._last_now = t
+        return t
 
     @property
     def pending(self) -> int:
         """Settlements waiting for the ledger to come back."""
         return len(self._pending)
 
+    @property
+    def rejected(self) -> list[UsageRecord]:
+        """Settlements the ledger refused (not an outage: e.g. a value out of its range).
+        They are logged at ERROR and kept here, oldest first, for inspection; they are not
+        retried. At most the last 10,000 are kept."""
+        with self._pending_lock:
+            return list(self._rejected)
+
     def flush(self) -> int:
         """Write spend kept while the ledger was unreachable. Returns how many were written."""
-        return self._drive(self._flush_flow())
+        return self._drive(self._flush_flow())[0]
 
     async def aflush(self) -> int:
         """Async :meth:`flush`."""
-        return await self._adrive(self._flush_flow())
+        return (await self._adrive(self._flush_flow()))[0]
 
     # -- scope paths and lines -------------------------------------------------------------
 
     def scope_path(self, scopes: Iterable[str]) -> tuple[str, ...]:
         """``global`` plus the given scopes, in order, without repeats.
 
+        Each scope is checked by :func:`~tb_plugins.core.scopes.normalize_scope`: whitespace
+        around it is dropped; an unknown kind, a control character or an over-long name is
+        refused.
+
         Raises:
-            ValueError: a scope is not ``kind:name``.
+            ValueError: a scope is not ``kind:name`` of a known kind, or not printable text.
         """
         given = scopes if type(scopes) is tuple else tuple(scopes)
         try:
@@ -524,14 +594,10 @@ class BudgetGuard:
     def _scope_path(scopes: tuple[Any, ...]) -> tuple[str, ...]:
         path = ["global"]
         seen = {"global"}
-        for s in scopes:
-            if not isinstance(s, str):
-                raise ValueError(f"a scope is a 'kind:name' string, got {s!r}")
+        for given in scopes:
+            s = normalize_scope(given)
             if s in seen:
                 continue
-            kind, sep, name = s.partition(":")
-            if not sep or not kind or not name:
-                raise ValueError(f"a scope is 'kind:name' (e.g. 'user:alice'), got {s!r}")
             seen.add(s)
             path.append(s)
         return tuple(path)
@@ -643,7 +709,11 @@ class BudgetGuard:
         max_tokens: int | None,
     ) -> tuple[Plan, list[str]]:
         reasons: list[str] = []
-        if input_tokens is None:
+        if max_tokens is not None:
+            check_count("max_tokens", max_tokens)
+        if input_tokens is not None:
+            check_count("input_tokens", input_tokens)
+        else:
             if messages is not None:
                 input_tokens = self.tokenizer.count_messages(model, messages, tools)
             elif prompt is not None:
@@ -651,10 +721,10 @@ class BudgetGuard:
                 input_tokens = sum(self.tokenizer.count_text(model, t) for t in texts)
             else:
                 raise ValueError("check() needs messages, prompt or input_tokens")
+            if input_tokens > MAX_CALL_TOKENS:
+                check_count("the request's input tokens", input_tokens)
         caps = self.policy.request
         out = self.policy.default_output_tokens if max_tokens is None else max_tokens
-        if out < 0:
-            raise ValueError(f"max_tokens must not be negative, got {max_tokens}")
         applied = max_tokens
         if caps.max_output_tokens is not None and out > caps.max_output_tokens:
             if max_tokens is not None:
@@ -697,6 +767,7 @@ class BudgetGuard:
         input_tokens: int | None,
         reservation_id: str | None,
         adjust: bool,
+        down: LedgerUnavailable | None = None,
     ) -> Generator[_Op, Any, Decision]:
         now = self.now()
         path = self.scope_path(scopes)
@@ -731,6 +802,8 @@ class BudgetGuard:
             )
             action = "downgrade"
         watch = any(lp.downgrades for lp in lines)
+        if down is not None:  # seen this very call: do not wait for the ledger a second time
+            return self._fail_open(down, rid, path, lines, plan, action, reasons, now)
         for _attempt in range(_MAX_ATTEMPTS):
             try:
                 result: ReserveResult = yield (
@@ -738,8 +811,13 @@ class BudgetGuard:
                     (rid, [lp.line for lp in lines], plan.amounts()),
                     {"now": now, "expires_at": expires_at},
                 )
-            except LedgerError as exc:
+            except LedgerUnavailable as exc:
                 return self._fail_open(exc, rid, path, lines, plan, action, reasons, now)
+            except LedgerError as exc:  # refused, not unreachable: never admit unchecked
+                raise LedgerError(
+                    f"the ledger {_safe_url(self.ledger.url)} refused the reservation ({exc}); "
+                    f"the call is refused"
+                ) from exc
             states = result.states
             if result.ok:
                 due = None
@@ -863,6 +941,7 @@ class BudgetGuard:
             expires_at=expires_at,
             lines=lines,
             plan=plan,
+            issuer=self._issuer,
         )
         if self.listeners:
             self._emit("decision", {"decision": d})
@@ -870,7 +949,7 @@ class BudgetGuard:
 
     def _fail_open(
         self,
-        exc: LedgerError,
+        exc: LedgerUnavailable,
         rid: str,
         path: tuple[str, ...],
         lines: tuple[LinePlan, ...],
@@ -930,10 +1009,24 @@ class BudgetGuard:
             logger.warning("tb_plugins: ledger %s failed: %s", name, exc)
             return None
 
+    def _own(self, decision: Decision) -> None:
+        if not isinstance(decision, Decision) or decision.plan is None:
+            raise TypeError(
+                f"settle() and release() take the Decision check() returned, got {decision!r}"
+            )
+        if decision.issuer != self._issuer:
+            raise ValueError(
+                f"decision {decision.reservation_id} was made by another BudgetGuard; settle or "
+                f"release it with the guard that made it (its hold is on that guard's ledger)"
+            )
+
     def _settle_flow(self, decision: Decision, usage: Usage | None) -> Generator[_Op, Any, Charge]:
+        self._own(decision)
         now = self.now()
         plan = decision.plan
-        assert plan is not None, "settle() takes the Decision that check() returned"
+        assert plan is not None
+        if usage is not None and not isinstance(usage, Usage):
+            raise TypeError(f"settle() takes a tb_plugins.Usage, got {usage!r}")
         estimated = usage is None
         if usage is None:
             usage = Usage(plan.input_tokens, plan.output_tokens, model=decision.model)
@@ -962,7 +1055,7 @@ class BudgetGuard:
             usage.input_tokens, usage.output_tokens, usd_to_nano(usd) if usd is not None else 0
         )
         record = UsageRecord(
-            ts=now,
+            ts=decision.created_at or now,
             reservation_id=decision.reservation_id,
             scopes=decision.scopes,
             model=served,
@@ -976,18 +1069,21 @@ class BudgetGuard:
             estimated=estimated,
             extra={"reasoning_tokens": usage.reasoning_tokens} if usage.reasoning_tokens else {},
         )
-        line_list = [lp.line for lp in decision.lines]
+        line_list = [self._settle_line(lp, now) for lp in decision.lines]
         # Only lines with alert thresholds are read back after the settle.
         watch = [i for i, lp in enumerate(decision.lines) if lp.alerts]
         fired: list[Alert] = []
         applied = True
+        pending = _Pending(decision.reservation_id, tuple(line_list), charged, record)
         try:
+            if decision.local:  # the ledger was down at check: do not wait for it again
+                raise LedgerUnavailable("it was unreachable when the call was checked")
             result: SettleResult = yield (
                 "settle",
                 (decision.reservation_id, line_list, charged, record),
                 {"now": now, "watch": watch},
             )
-        except LedgerError as exc:
+        except LedgerUnavailable as exc:
             logger.error(
                 "tb_plugins: could not record spend of %s (%s); kept locally and "
                 "written when the ledger is back",
@@ -995,9 +1091,10 @@ class BudgetGuard:
                 exc,
             )
             with self._pending_lock:
-                self._pending.append(
-                    _Pending(decision.reservation_id, tuple(line_list), charged, record)
-                )
+                self._pending.append(pending)
+        except LedgerError as exc:
+            applied = False
+            self._reject(pending, exc)
         else:
             applied = result.applied
             if applied:
@@ -1045,10 +1142,35 @@ class BudgetGuard:
             self._emit("alert", {"alert": alert})
         return fired
 
-    def _flush_flow(self) -> Generator[_Op, Any, int]:
+    def _settle_line(self, lp: LinePlan, now: float) -> Line:
+        """The line a settle at ``now`` charges: the one reserved, except that a rolling
+        window's spend lands in the bucket of ``now`` (so a call longer than the window is
+        still counted in it)."""
+        line = lp.line
+        if not line.width or not lp.budgets:
+            return line
+        slot = self._slot(lp.budgets[0], now)[0]
+        if slot.bucket == line.bucket:
+            return line
+        return replace(line, bucket=slot.bucket, span=slot.span, expires_at=slot.expires_at)
+
+    def _reject(self, pending: _Pending, exc: LedgerError) -> None:
+        logger.error(
+            "tb_plugins: the ledger refused the spend of %s (%s); it is not retried and is "
+            "kept in guard.rejected: %r",
+            pending.reservation_id,
+            exc,
+            pending.record,
+        )
+        with self._pending_lock:
+            self._rejected.append(pending.record)
+            del self._rejected[:-_REJECTED_MEMORY]
+
+    def _flush_flow(self) -> Generator[_Op, Any, tuple[int, LedgerUnavailable | None]]:
         with self._pending_lock:
             batch, self._pending = self._pending, []
         done = 0
+        down: LedgerUnavailable | None = None
         for i, p in enumerate(batch):
             try:
                 yield (
@@ -1056,14 +1178,18 @@ class BudgetGuard:
                     (p.reservation_id, list(p.lines), p.amounts, p.record),
                     {"now": self.now(), "watch": ()},
                 )
-            except LedgerError:
+            except LedgerUnavailable as exc:
                 with self._pending_lock:
                     self._pending[:0] = batch[i:]
+                down = exc
                 break
+            except LedgerError as exc:  # this entry only: the others still go in
+                self._reject(p, exc)
+                continue
             done += 1
         if done:
             logger.warning("tb_plugins: wrote %d settlements kept while the ledger was down", done)
-        return done
+        return done, down
 
     # -- drivers ---------------------------------------------------------------------------
 
@@ -1079,11 +1205,8 @@ class BudgetGuard:
             exc = None
             try:
                 send = getattr(self.ledger, name)(*args, **kwargs)
-            except LedgerError as e:
-                exc = e
-            except Exception as e:  # a backend bug or a raw driver error: treat as unreachable
-                exc = LedgerUnavailable(f"{type(e).__name__}: {e}")
-                exc.__cause__ = e
+            except Exception as e:
+                exc = _ledger_error(e)
 
     async def _adrive(self, flow: Generator[_Op, Any, _T]) -> _T:
         send: Any = None
@@ -1097,53 +1220,53 @@ class BudgetGuard:
             exc = None
             try:
                 send = await getattr(self.ledger, "a" + name)(*args, **kwargs)
-            except LedgerError as e:
-                exc = e
             except Exception as e:
-                exc = LedgerUnavailable(f"{type(e).__name__}: {e}")
-                exc.__cause__ = e
+                exc = _ledger_error(e)
 
     def _clock_due(self) -> bool:
-        local = self.clock()
-        if self._offset_at is not None and local - self._offset_at < _CLOCK_SYNC_EVERY:
+        mono = self._mono()
+        if self._synced_at is not None and 0 <= mono - self._synced_at < _CLOCK_SYNC_EVERY:
             return False
-        self._offset_at = local
+        self._synced_at = mono
         return True
 
-    def _clock_flow(self) -> Generator[_Op, Any, None]:
-        """Follow a shared ledger's clock: offset = server time - local time."""
+    def _clock_flow(self) -> Generator[_Op, Any, LedgerUnavailable | None]:
+        """Follow a shared ledger's clock: its time, read against our monotonic clock (so a
+        step of the local wall clock changes nothing)."""
+        before = self._mono()
         try:
             server = yield ("server_time", (), {})
+        except LedgerUnavailable as exc:
+            logger.debug("tb_plugins: server_time failed: %s", exc)
+            return exc
         except LedgerError as exc:
             logger.debug("tb_plugins: server_time failed: %s", exc)
-            return
+            return None
         if server is not None:
-            self._offset = server - self.clock()
+            self._server_mono = (before + self._mono()) / 2
+            self._server_at = float(server)
+        return None
 
-    def _sync_clock(self) -> None:
-        if self._clock_due():
-            self._drive(self._clock_flow())
+    def _sync_clock(self) -> LedgerUnavailable | None:
+        return self._drive(self._clock_flow()) if self._clock_due() else None
 
-    async def _async_sync_clock(self) -> None:
-        if self._clock_due():
-            await self._adrive(self._clock_flow())
+    async def _async_sync_clock(self) -> LedgerUnavailable | None:
+        return await self._adrive(self._clock_flow()) if self._clock_due() else None
 
     def _flush_due(self) -> bool:
         if not self._pending:
             return False
-        local = self.clock()
-        if local - self._last_flush < _FLUSH_EVERY:
+        mono = self._mono()
+        if 0 <= mono - self._last_flush < _FLUSH_EVERY:
             return False
-        self._last_flush = local
+        self._last_flush = mono
         return True
 
-    def _maybe_flush(self) -> None:
-        if self._flush_due():
-            self.flush()
+    def _maybe_flush(self) -> LedgerUnavailable | None:
+        return self._drive(self._flush_flow())[1] if self._flush_due() else None
 
-    async def _amaybe_flush(self) -> None:
-        if self._flush_due():
-            await self.aflush()
+    async def _amaybe_flush(self) -> LedgerUnavailable | None:
+        return (await self._adrive(self._flush_flow()))[1] if self._flush_due() else None
 
     def _emit(self, event: str, data: Mapping[str, Any]) -> None:
         for listener in self.listeners:
@@ -1201,6 +1324,21 @@ class BudgetGuard:
                         )
                     )
         return out
+
+
+def _ledger_error(exc: Exception) -> LedgerError:
+    """What a ledger operation's failure means: an OSError (or a backend's own
+    LedgerUnavailable) is an outage; anything else is a refusal or a bug, never read as
+    "unreachable", so fail_open never admits a call the ledger refused."""
+    if isinstance(exc, LedgerError):
+        return exc
+    err: LedgerError
+    if isinstance(exc, OSError):
+        err = LedgerUnavailable(f"{type(exc).__name__}: {exc}")
+    else:
+        err = LedgerError(f"{type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
 
 
 def _past(budget: Budget) -> str:
