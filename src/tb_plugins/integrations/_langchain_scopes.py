@@ -226,11 +226,11 @@ def usage_from_message(message: Any, default_model: str | None = None) -> Usage 
         if isinstance(value, str) and value:
             served = value
             break
-    return Usage(
-        input_tokens=int(meta.get("input_tokens") or 0),
-        output_tokens=int(meta.get("output_tokens") or 0),
-        cached_input_tokens=int(details_in.get("cache_read") or 0),
-        reasoning_tokens=int(details_out.get("reasoning") or 0),
+    return Usage.reported(
+        meta.get("input_tokens"),
+        meta.get("output_tokens"),
+        details_in.get("cache_read") or 0,
+        details_out.get("reasoning") or 0,
         model=served or default_model,
     )
 
@@ -248,9 +248,9 @@ def usage_from_result(result: LLMResult | None, default_model: str | None = None
                     return usage
     token_usage = (result.llm_output or {}).get("token_usage") or {}
     if "prompt_tokens" in token_usage or "completion_tokens" in token_usage:
-        return Usage(
-            input_tokens=int(token_usage.get("prompt_tokens") or 0),
-            output_tokens=int(token_usage.get("completion_tokens") or 0),
+        return Usage.reported(
+            token_usage.get("prompt_tokens"),
+            token_usage.get("completion_tokens"),
             model=(result.llm_output or {}).get("model_name") or default_model,
         )
     return None
