@@ -6,7 +6,10 @@ import argparse
 import csv
 import io
 import json
+import time
+import unicodedata
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -136,3 +139,129 @@ def test_since_reads_durations_dates_and_epochs() -> None:
     assert parse_since("12345") == 12345
     with pytest.raises(ValueError, match="cannot read time"):
         parse_since("yesterday-ish")
+
+
+HOSTILE_SCOPE = "user:ann\x1b[2J\x07"
+HOSTILE_TEAM = "team:\x1b[31mred\r"
+HOSTILE_MODEL = "gpt\x1b]0;owned\x07"
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Path:
+    """A ledger holding scope and model names with terminal escapes, written through the
+    ledger API (the guard itself refuses such scopes)."""
+    from tb_plugins.core.usage import UsageRecord
+    from tb_plugins.core.windows import parse_window
+    from tb_plugins.ledger import ledger_from_url
+    from tb_plugins.ledger.base import Line, line_key
+
+    path = tmp_path / "budgets.yaml"
+    path.write_text(POLICY.format(db=tmp_path / "ledger.db"))
+    ledger = ledger_from_url(f"sqlite:///{tmp_path / 'ledger.db'}")
+    now = time.time()
+    slot = parse_window("day").slot(now, ZoneInfo("UTC"))
+    line = Line(
+        key=line_key(HOSTILE_SCOPE, "day"),
+        scope=HOSTILE_SCOPE,
+        window="day",
+        bucket=slot.bucket,
+        span=slot.span,
+        width=slot.width,
+        limits=(5000, None, None, None, None, None),
+        expires_at=slot.expires_at,
+    )
+    charge = (10, 5, 5, 0, 1, 1)
+    assert ledger.reserve("r1", [line], charge, now=now, expires_at=now + 600).ok
+    record = UsageRecord(
+        ts=now,
+        reservation_id="r1",
+        scopes=("global", HOSTILE_SCOPE),
+        model=HOSTILE_MODEL,
+        requested_model=HOSTILE_MODEL,
+        action="allow",
+        input_tokens=5,
+        output_tokens=5,
+    )
+    ledger.settle("r1", [line], charge, record, now=now)
+    ledger.append_usage(
+        UsageRecord(
+            ts=now,
+            reservation_id="r2",
+            scopes=("global", HOSTILE_TEAM),
+            model="m\r\x1b[K\x9b",
+            requested_model="m",
+            action="deny",
+        )
+    )
+    ledger.close()
+    return path
+
+
+def raw_controls(text: str) -> list[str]:
+    """Control characters other than the line breaks the output itself is made of (CSV rows
+    end in CRLF)."""
+    return [c for c in text.replace("\r\n", "\n") if unicodedata.category(c) == "Cc" and c != "\n"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status"],
+        ["status", "--csv"],
+        ["report"],
+        ["report", "--csv"],
+        ["report", "--by", "model"],
+        ["report", "--by", "model", "--csv"],
+    ],
+    ids=" ".join,
+)
+def test_tables_and_csv_escape_control_characters_in_names(
+    hostile: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """`tb status` / `tb report` (table or CSV) print scope and model names with control
+    characters escaped, never raw: a name cannot clear the screen or retitle the terminal."""
+    assert main(["--config", str(hostile), *argv]) == 0
+    out = capsys.readouterr().out
+    assert raw_controls(out) == []
+    if "model" in argv:
+        assert "gpt\\x1b]0;owned\\x07" in out and "m\\x0d\\x1b[K\\x9b" in out
+    elif "report" in argv:
+        assert "user:ann\\x1b[2J\\x07" in out and "team:\\x1b[31mred\\x0d" in out
+    else:
+        assert "user:ann\\x1b[2J\\x07" in out
+
+
+@pytest.mark.parametrize("argv", [["status", "--json"], ["report", "--json"]], ids=" ".join)
+def test_json_escapes_control_characters_and_keeps_the_names(
+    hostile: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """JSON output escapes control characters itself and still round-trips the exact names."""
+    assert main(["--config", str(hostile), *argv]) == 0
+    out = capsys.readouterr().out
+    assert raw_controls(out) == []
+    assert HOSTILE_SCOPE in {r["scope"] for r in json.loads(out)}
+
+
+def test_budgets_check_refuses_a_duplicate_budgets_section(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two `budgets:` sections make `tb budgets check` fail naming the key and both lines,
+    instead of printing ok for the second section alone."""
+    bad = tmp_path / "dup.yaml"
+    bad.write_text(
+        "budgets:\n  - {scope: team:a, tokens: 5, window: day}\n"
+        "budgets:\n  - {scope: team:b, tokens: 5, window: day}\n"
+    )
+    assert main(["budgets", "check", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert "ok" not in captured.out
+    assert "duplicate key 'budgets': first at line 1, again at line 3" in captured.err
+
+
+def test_error_messages_escape_control_characters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An error quoting a file name with an escape sequence prints it escaped."""
+    assert main(["budgets", "check", str(tmp_path / "x\x1b[2J.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert raw_controls(err) == [] and "x\\x1b[2J.yaml" in err

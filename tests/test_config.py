@@ -79,11 +79,23 @@ def test_the_design_example_policy_loads_with_readable_quantities(tmp_path: Path
         ("1.5M", 1_500_000),
         ("3b", 3_000_000_000),
         (12.0, 12),
+        ("2,000,000", 2_000_000),
+        ("999,999,999,999,999", 999_999_999_999_999),
+        ("1.000000000000001G", 1_000_000_000),
     ],
 )
 def test_quantities_are_readable(value: object, expected: int) -> None:
-    """Token quantities accept underscores, commas and k/M/B suffixes."""
+    """Token quantities accept underscores, thousands commas and k/M/B suffixes."""
     assert parse_quantity(value) == expected
+
+
+def test_a_quantity_may_be_bounded_by_the_caller() -> None:
+    """`maximum=` caps a quantity (MAX_LIMIT by default) and the error states the maximum."""
+    assert parse_quantity("1k", maximum=1000) == 1000
+    with pytest.raises(ValueError, match="above the maximum of 1,000"):
+        parse_quantity("1001", maximum=1000)
+    with pytest.raises(ValueError, match="above the maximum of 1,000,000,000,000,000"):
+        parse_quantity("1000001G")
 
 
 def test_dollars_are_readable() -> None:

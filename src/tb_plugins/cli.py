@@ -2,6 +2,10 @@
 
 Every command reads the policy named by ``--config`` or ``$TB_PLUGINS_CONFIG`` (default
 ``budgets.yaml``) and the ledger that policy names. Output is a table, or ``--json`` / ``--csv``.
+
+Scope and model names are whatever the application sent, so nothing from the ledger reaches
+the terminal raw: tables, CSV and error messages write control characters as ``\\xNN``
+escapes (:func:`~tb_plugins.core.scopes.escape_text`), and JSON escapes them as ``\\uNNNN``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from tb_plugins.core.scopes import escape_text
 from tb_plugins.errors import ConfigError, TokenBudgetError
 
 __all__ = ["main"]
@@ -37,8 +42,10 @@ def _fmt_num(unit: str, value: float) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain text table with aligned columns."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    """A plain text table with aligned columns; control characters in cells are escaped."""
+    cells = [[escape_text(str(h)) for h in headers]] + [
+        [escape_text(str(c)) for c in r] for r in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for n, r in enumerate(cells):
@@ -63,14 +70,20 @@ def emit(
     rows: Sequence[Sequence[Any]],
     records: Sequence[dict[str, Any]],
 ) -> None:
-    """Print rows as a table, JSON (``--json``) or CSV (``--csv``)."""
+    """Print rows as a table, JSON (``--json``) or CSV (``--csv``).
+
+    No output form prints a raw control character: JSON escapes them itself, tables and CSV
+    through :func:`~tb_plugins.core.scopes.escape_text`.
+    """
     if getattr(args, "json", False):
         print(json.dumps(list(records), indent=2, default=str))
     elif getattr(args, "csv", False):
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else list(headers))
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows(
+            {k: escape_text(v) if isinstance(v, str) else v for k, v in r.items()} for r in records
+        )
         print(buf.getvalue(), end="")
     elif rows:
         print(table(headers, rows))
@@ -224,7 +237,7 @@ def cmd_budgets_check(args: argparse.Namespace) -> int:
         ],
     )
     if not args.json:
-        print(f"{args.file}: ok ({len(budgets)} budgets, ledger {policy.ledger})")
+        print(escape_text(f"{args.file}: ok ({len(budgets)} budgets, ledger {policy.ledger})"))
     return 0
 
 
@@ -314,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (TokenBudgetError, ValueError) as exc:
-        print(f"tb: {exc}", file=sys.stderr)
+        # A message may quote a scope or a file's text: escape all but its line breaks.
+        print("\n".join(escape_text(line) for line in f"tb: {exc}".split("\n")), file=sys.stderr)
         return 1
 
 

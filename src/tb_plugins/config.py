@@ -5,8 +5,29 @@ that names the file, the entry and the field::
 
     budgets.yaml: budgets[2] (scope 'user:*'): field 'window': unknown window 'fortnight' …
 
-Quantities are readable: ``2_000_000``, ``"2M"``, ``"200k"``, ``"$40"``. Each budget may also be
+Quantities are readable: ``2_000_000``, ``"2,000,000"``, ``"2M"``, ``"200k"``, ``"$40"``. A comma
+only separates thousands (``"1,5M"`` is refused: write ``"1.5M"``). Each budget may also be
 written in one line: ``limit: 200k tokens/day`` or ``limit: $5/month``.
+
+Every amount has a maximum, checked here so that a policy that loads can never overflow a
+ledger later (see :mod:`tb_plugins.core.usage`):
+
+* ``tokens``, ``input_tokens``, ``output_tokens``, ``requests``, ``calls``: at most
+  :data:`~tb_plugins.core.usage.MAX_LIMIT` (10**15).
+* ``usd``: finite, at most :data:`~tb_plugins.core.usage.MAX_LIMIT_USD` ($1,000,000,000).
+* ``request.max_input_tokens``, ``request.max_output_tokens``, ``default_output_tokens``,
+  ``min_output_tokens``: at most :data:`~tb_plugins.core.usage.MAX_CALL_TOKENS` (10**9).
+* ``prices:`` and ``unpriced: {use_price: …}``: finite, not negative, at most
+  :data:`~tb_plugins.core.usage.MAX_PRICE` ($0.01 per token, $10,000 per million tokens).
+* ``window: rolling:<d>``: 1 second to :data:`~tb_plugins.core.windows.MAX_ROLLING` (366 days).
+* ``reservation_ttl``: positive, at most :data:`MAX_RESERVATION_TTL` (7 days).
+* ``ledger_timeout``: positive, at most :data:`MAX_LEDGER_TIMEOUT` (60 seconds).
+* ``alerts``, ``downgrade_at``: fractions in (0, 1] (NaN and infinity refused).
+
+A YAML file is refused whole, before any of that, if it is larger than
+:data:`MAX_POLICY_BYTES` (1 MiB), repeats a key in any mapping, nests deeper than
+:data:`MAX_YAML_DEPTH` levels, or expands (through anchors and aliases) to more than
+:data:`MAX_YAML_NODES` nodes.
 
 Example:
     >>> policy = load_policy_dict({"budgets": [{"scope": "team:search", "limit": "2M tokens/day"}]})
@@ -17,11 +38,12 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -34,12 +56,35 @@ from pydantic import (
     model_validator,
 )
 
-from tb_plugins.core.usage import NO_LIMITS, UNIT_INDEX, Limits, usd_to_nano
+from tb_plugins.core.pricing import parse_price
+from tb_plugins.core.quantities import parse_quantity, parse_usd, short_repr
+from tb_plugins.core.scopes import KNOWN_KINDS, escape_text, normalize_scope
+from tb_plugins.core.usage import (
+    MAX_CALL_TOKENS,
+    NO_LIMITS,
+    UNIT_INDEX,
+    Limits,
+    usd_to_nano,
+)
 from tb_plugins.core.windows import Window, parse_duration, parse_window
 from tb_plugins.errors import ConfigError
+from tb_plugins.policy_yaml import (
+    MAX_POLICY_BYTES,
+    MAX_YAML_DEPTH,
+    MAX_YAML_NODES,
+    read_policy_yaml,
+)
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = [
     "KNOWN_KINDS",
+    "MAX_LEDGER_TIMEOUT",
+    "MAX_POLICY_BYTES",
+    "MAX_RESERVATION_TTL",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
     "AlertSinkSpec",
     "Budget",
     "BudgetSpec",
@@ -52,81 +97,55 @@ __all__ = [
     "parse_usd",
 ]
 
-KNOWN_KINDS = (
-    "global",
-    "org",
-    "team",
-    "user",
-    "key",
-    "end_user",
-    "feature",
-    "chain",
-    "agent",
-    "run",
-    "session",
-)
-_SUFFIX = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000, "g": 1_000_000_000}
-_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmbg])?$")
+MAX_RESERVATION_TTL = 7 * 86400.0
+"""Longest ``reservation_ttl``: 7 days."""
+MAX_LEDGER_TIMEOUT = 60.0
+"""Longest ``ledger_timeout``: 60 seconds."""
 
 
-def parse_quantity(value: Any) -> int:
-    """A non-negative integer from ``1000``, ``"2_000_000"``, ``"2,000"``, ``"200k"``, ``"1.5M"``.
+def _limit(value: Any) -> int:
+    return parse_quantity(value)
 
-    Raises:
-        ValueError: not a readable quantity.
-    """
+
+def _call_tokens(value: Any) -> int:
+    return parse_quantity(value, maximum=MAX_CALL_TOKENS)
+
+
+def _dollars(value: Any) -> float:
+    return parse_usd(value)
+
+
+def _ttl(value: Any) -> float:
+    return parse_duration(value, maximum=MAX_RESERVATION_TTL)
+
+
+def _timeout(value: Any) -> float:
+    return parse_duration(value, maximum=MAX_LEDGER_TIMEOUT)
+
+
+def _fraction(name: str, value: float) -> float:
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise ValueError(f"{name} is a fraction in (0, 1], got {value!r}")
+    return value
+
+
+def _no_bool(value: Any) -> Any:
     if isinstance(value, bool):
-        raise ValueError(f"expected a number of tokens, got {value!r}")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"expected a whole number, got {value!r}")
-        n = int(value)
-    elif isinstance(value, str):
-        s = value.strip().lower().replace("_", "").replace(",", "")
-        m = _QUANTITY.match(s)
-        if not m:
-            raise ValueError(f"expected a number such as 200000, '200k' or '2M', got {value!r}")
-        n = round(float(m.group(1)) * _SUFFIX.get(m.group(2) or "", 1))
-    else:
-        raise ValueError(f"expected a number, got {type(value).__name__} {value!r}")
-    if n < 0:
-        raise ValueError(f"must not be negative, got {value!r}")
-    return n
+        raise ValueError(f"expected a fraction such as 0.8, got {value!r}")
+    return value
 
 
-def parse_usd(value: Any) -> float:
-    """Dollars from ``40``, ``40.5``, ``"$40"``, ``"$1.5k"``.
+Quantity = Annotated[int, BeforeValidator(_limit)]
+"""A limit in tokens, requests or calls: at most :data:`~tb_plugins.core.usage.MAX_LIMIT`."""
+CallTokens = Annotated[int, BeforeValidator(_call_tokens)]
+"""Tokens of one call: at most :data:`~tb_plugins.core.usage.MAX_CALL_TOKENS`."""
+Dollars = Annotated[float, BeforeValidator(_dollars)]
+"""A limit in dollars: finite, at most :data:`~tb_plugins.core.usage.MAX_LIMIT_USD`."""
+TTL = Annotated[float, BeforeValidator(_ttl)]
+Timeout = Annotated[float, BeforeValidator(_timeout)]
+Fraction = Annotated[float, BeforeValidator(_no_bool)]
 
-    Raises:
-        ValueError: not a readable amount of dollars.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"expected dollars, got {value!r}")
-    if isinstance(value, int | float):
-        usd = float(value)
-    elif isinstance(value, str):
-        s = value.strip().lower().replace("_", "").replace(",", "").lstrip("$").strip()
-        m = _QUANTITY.match(s)
-        if not m:
-            raise ValueError(f"expected dollars such as 40 or '$40', got {value!r}")
-        usd = float(m.group(1)) * _SUFFIX.get(m.group(2) or "", 1)
-    else:
-        raise ValueError(f"expected dollars, got {type(value).__name__} {value!r}")
-    if usd < 0:
-        raise ValueError(f"must not be negative, got {value!r}")
-    return usd
-
-
-def _duration(value: Any) -> float:
-    return parse_duration(value)
-
-
-Quantity = Annotated[int, BeforeValidator(parse_quantity)]
-Dollars = Annotated[float, BeforeValidator(parse_usd)]
-Duration = Annotated[float, BeforeValidator(_duration)]
-
+_MAX_ONE_LINE = 200
 _ONE_LINE = re.compile(
     r"^\s*(?P<amount>\$?[\d_.,]+(?:\s*[kmbgKMBG](?![a-z]))?)\s*(?P<unit>[a-z_]+)?\s*/\s*(?P<window>\S+)\s*$"
 )
@@ -137,7 +156,16 @@ class _Strict(BaseModel):
 
 
 class BudgetSpec(_Strict):
-    """One entry of ``budgets:`` as written in the file."""
+    """One entry of ``budgets:`` as written in the file.
+
+    ``scope`` goes through :func:`~tb_plugins.core.scopes.normalize_scope` (a known kind, no
+    control character, at most :data:`~tb_plugins.core.scopes.MAX_SCOPE_LENGTH` characters).
+    ``tokens``, ``input_tokens``, ``output_tokens``, ``requests`` and ``calls`` are at most
+    :data:`~tb_plugins.core.usage.MAX_LIMIT` (10**15); ``usd`` is finite and at most
+    :data:`~tb_plugins.core.usage.MAX_LIMIT_USD` ($1,000,000,000); a rolling window is at most
+    :data:`~tb_plugins.core.windows.MAX_ROLLING` (366 days); ``alerts`` and ``downgrade_at`` are
+    fractions in (0, 1].
+    """
 
     scope: str
     window: str = ""
@@ -150,37 +178,41 @@ class BudgetSpec(_Strict):
     requests: Quantity | None = None
     calls: Quantity | None = None
     alerts: list[float] = Field(default_factory=list)
-    downgrade_at: float | None = None
+    downgrade_at: Fraction | None = None
 
     @field_validator("scope")
     @classmethod
     def _scope(cls, v: str) -> str:
-        v = v.strip()
-        if v == "global":
-            return v
-        kind, sep, name = v.partition(":")
-        if not sep or not name:
-            raise ValueError(f"a scope is 'global' or 'kind:name' (e.g. 'team:search'), got {v!r}")
-        if kind not in KNOWN_KINDS:
+        return normalize_scope(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and escape_text(v) != v:
             raise ValueError(
-                f"unknown scope kind {kind!r} in {v!r}; known: {', '.join(KNOWN_KINDS)}"
+                f"budget name {v!r} contains a control character; names are printable text"
             )
+        return v
+
+    @field_validator("alerts", mode="before")
+    @classmethod
+    def _alerts_given(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for t in v:
+                _no_bool(t)
         return v
 
     @field_validator("alerts")
     @classmethod
     def _alerts(cls, v: list[float]) -> list[float]:
         for t in v:
-            if not 0 < t <= 1:
-                raise ValueError(f"alert thresholds are fractions in (0, 1], got {t!r}")
+            _fraction("an alert threshold", t)
         return sorted(set(v))
 
     @field_validator("downgrade_at")
     @classmethod
     def _downgrade_at(cls, v: float | None) -> float | None:
-        if v is not None and not 0 < v <= 1:
-            raise ValueError(f"downgrade_at is a fraction in (0, 1], got {v!r}")
-        return v
+        return None if v is None else _fraction("downgrade_at", v)
 
     @model_validator(mode="before")
     @classmethod
@@ -190,12 +222,19 @@ class BudgetSpec(_Strict):
         text = data["limit"]
         if not isinstance(text, str):
             raise ValueError(
-                f"field 'limit': expected text such as '200k tokens/day', got {text!r}"
+                f"field 'limit': expected text such as '200k tokens/day', got {short_repr(text)}"
             )
-        m = _ONE_LINE.match(text)
+        if len(text) > _MAX_ONE_LINE:
+            raise ValueError(
+                f"field 'limit': {short_repr(text)} is longer than {_MAX_ONE_LINE} characters"
+            )
+        # One space per gap: _ONE_LINE's neighbouring optional spaces would otherwise
+        # backtrack quadratically on a long run of blanks.
+        m = _ONE_LINE.match(" ".join(text.split()))
         if not m:
             raise ValueError(
-                f"field 'limit': cannot read {text!r}; write e.g. '200k tokens/day' or '$5/month'"
+                f"field 'limit': cannot read {short_repr(text)}; "
+                f"write e.g. '200k tokens/day' or '$5/month'"
             )
         out = dict(data)
         amount, unit, window = m.group("amount"), m.group("unit"), m.group("window")
@@ -210,7 +249,10 @@ class BudgetSpec(_Strict):
             )
         if unit in out:
             raise ValueError(f"field 'limit': {unit!r} is given twice (also in 'limit')")
-        out[unit] = amount
+        try:
+            out[unit] = parse_usd(amount) if unit == "usd" else parse_quantity(amount)
+        except ValueError as exc:
+            raise ValueError(f"field 'limit': {exc}") from None
         if out.get("window") not in (None, "", window):
             raise ValueError(
                 f"field 'limit': window {window!r} contradicts window {out['window']!r}"
@@ -241,14 +283,19 @@ class BudgetSpec(_Strict):
 
 
 class RequestCaps(_Strict):
-    """Per-call caps (``request:``)."""
+    """Per-call caps (``request:``), each at most
+    :data:`~tb_plugins.core.usage.MAX_CALL_TOKENS` (10**9)."""
 
-    max_input_tokens: Quantity | None = None
-    max_output_tokens: Quantity | None = None
+    max_input_tokens: CallTokens | None = None
+    max_output_tokens: CallTokens | None = None
 
 
 class PriceSpec(_Strict):
-    """A price override: USD per token, written as ``"$2.50/1M"`` or a number per token."""
+    """A price override: USD per token, written as ``"$2.50/1M"`` or a number per token.
+
+    Each price is finite, not negative, and at most :data:`~tb_plugins.core.usage.MAX_PRICE`
+    ($0.01 per token, i.e. $10,000 per million tokens).
+    """
 
     input: float
     output: float
@@ -259,8 +306,6 @@ class PriceSpec(_Strict):
     def _price(cls, v: Any) -> Any:
         if v is None:
             return v
-        from tb_plugins.core.pricing import parse_price
-
         return parse_price(v)
 
 
@@ -286,15 +331,20 @@ class UsePrice(_Strict):
 
 
 class Policy(_Strict):
-    """A whole policy file. Build it with :func:`load_policy` or :func:`load_policy_dict`."""
+    """A whole policy file. Build it with :func:`load_policy` or :func:`load_policy_dict`.
+
+    ``ledger_timeout`` is at most :data:`MAX_LEDGER_TIMEOUT` (60 s), ``reservation_ttl`` at most
+    :data:`MAX_RESERVATION_TTL` (7 days); ``default_output_tokens`` and ``min_output_tokens`` are
+    at most :data:`~tb_plugins.core.usage.MAX_CALL_TOKENS` (10**9).
+    """
 
     ledger: str = "sqlite:///tb_ledger.db"
     timezone: str = "UTC"
     on_ledger_error: Literal["fail_closed", "fail_open"] = "fail_closed"
-    ledger_timeout: Duration = 2.0
-    default_output_tokens: Quantity = 1024
-    min_output_tokens: Quantity = 16
-    reservation_ttl: Duration = 600.0
+    ledger_timeout: Timeout = 2.0
+    default_output_tokens: CallTokens = 1024
+    min_output_tokens: CallTokens = 16
+    reservation_ttl: TTL = 600.0
     unpriced: Literal["deny", "count_tokens_only"] | UsePrice = "count_tokens_only"
     downgrade: dict[str, str] = Field(default_factory=dict)
     request: RequestCaps = Field(default_factory=RequestCaps)
@@ -308,7 +358,7 @@ class Policy(_Strict):
         if isinstance(v, str) and v not in ("deny", "count_tokens_only"):
             raise ValueError(
                 f"expected 'deny', 'count_tokens_only' or {{use_price: {{input: …, output: …}}}}, "
-                f"got {v!r}"
+                f"got {short_repr(v)}"
             )
         return v
 
@@ -320,7 +370,9 @@ class Policy(_Strict):
         scheme = v.split("://", 1)[0].lower() if "://" in v else ""
         if scheme not in BACKENDS:
             known = ", ".join(f"{s}://" for s in BACKENDS)
-            raise ValueError(f"unknown ledger URL {v!r}; the scheme must be one of {known}")
+            raise ValueError(
+                f"unknown ledger URL {short_repr(v)}; the scheme must be one of {known}"
+            )
         return v
 
     @field_validator("timezone")
@@ -330,7 +382,7 @@ class Policy(_Strict):
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(
-                f"unknown timezone {v!r} (use an IANA name such as 'Europe/Paris')"
+                f"unknown timezone {short_repr(v)} (use an IANA name such as 'Europe/Paris')"
             ) from None
         return v
 
@@ -339,9 +391,9 @@ class Policy(_Strict):
     def _downgrade(cls, v: dict[str, str]) -> dict[str, str]:
         for src, dst in v.items():
             if not isinstance(dst, str) or not dst.strip():
-                raise ValueError(f"downgrade target of {src!r} must be a model name")
+                raise ValueError(f"downgrade target of {short_repr(src)} must be a model name")
             if src == dst:
-                raise ValueError(f"model {src!r} downgrades to itself")
+                raise ValueError(f"model {short_repr(src)} downgrades to itself")
         return v
 
     @model_validator(mode="after")
@@ -426,7 +478,7 @@ def _describe(loc: tuple[int | str, ...], raw: Any) -> str:
             label = f"[{item}]"
             node = node[item] if isinstance(node, list) and item < len(node) else None
             if isinstance(node, Mapping) and "scope" in node:
-                label += f" (scope {node['scope']!r})"
+                label += f" (scope {short_repr(node['scope'])})"
             parts[-1:] = [(parts[-1] if parts else "") + label]
         else:
             if item in {"function-after[_check()]", "function-before[_expand_limit()]"}:
@@ -485,25 +537,21 @@ def load_policy_dict(data: Any, *, source: str = "<policy>") -> Policy:
 def load_policy(path: str | Path) -> Policy:
     """Read and validate a YAML policy file.
 
-    Raises:
-        ConfigError: the file is missing, not YAML, or malformed.
-    """
-    import yaml
+    The file is refused before it is parsed if it is larger than :data:`MAX_POLICY_BYTES`
+    (1 MiB), and while it is parsed if a mapping repeats a key (at any level: two
+    ``budgets:`` sections would otherwise silently drop the first), if it nests deeper than
+    :data:`MAX_YAML_DEPTH`, or if its aliases expand to more than :data:`MAX_YAML_NODES`
+    values.
 
+    Raises:
+        ConfigError: the file is missing, too large, not UTF-8, not YAML, or malformed.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "budgets.yaml"
+        >>> _ = path.write_text("budgets:\\n  - {scope: user:*, limit: 100k tokens/day}\\n")
+        >>> load_policy(path).budgets[0].tokens
+        100000
+    """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            f"{p}: cannot read the policy file: {exc.strerror}", source=str(p)
-        ) from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{p}: not valid YAML{where}: {problem}", source=str(p)) from None
-    if data is None:
-        raise ConfigError(f"{p}: the policy file is empty", source=str(p))
-    return load_policy_dict(data, source=str(p))
+    return load_policy_dict(read_policy_yaml(p), source=str(p))

@@ -22,7 +22,16 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["LiteLLMPriceTable", "ModelPrice", "PriceTable", "Pricing", "parse_price"]
+from tb_plugins.core.usage import MAX_PRICE
+
+__all__ = [
+    "LiteLLMPriceTable",
+    "ModelPrice",
+    "PriceTable",
+    "Pricing",
+    "parse_price",
+    "strip_thousands_separators",
+]
 
 
 @dataclass(frozen=True)
@@ -359,15 +368,22 @@ _PRICE = re.compile(
 _UNITS = {"k": 1e3, "thousand": 1e3, "m": 1e6, "million": 1e6}
 
 
-def parse_price(text: str | float | int) -> float:
+def parse_price(text: str | float | int, *, maximum: float = MAX_PRICE) -> float:
     """Return USD per token from a readable price.
 
     Accepts a number (already per token) or a string such as ``"$2.50/1M"``,
     ``"2.5/1M tokens"``, ``"$0.002/1k"``, ``"$3 per million"``, ``"$3e-6"``; a string without
-    ``/`` is per token.
+    ``/`` is per token. A comma only separates thousands (``"$1/1,000,000"``); a decimal comma
+    (``"$2,50/1M"``) is refused rather than read as 250.
+
+    Args:
+        text: the price.
+        maximum: the highest price per token accepted, by default
+            :data:`~tb_plugins.core.usage.MAX_PRICE` ($0.01 per token, $10,000 per 1M tokens).
 
     Raises:
-        ValueError: If the value is not a non-negative finite price in one of those forms.
+        ValueError: If the value is not a finite price in ``[0, maximum]`` in one of those forms
+            (text longer than 200 characters included).
 
     Example:
         >>> parse_price("$2.50/1M")
@@ -377,22 +393,92 @@ def parse_price(text: str | float | int) -> float:
     """
     if isinstance(text, bool):
         raise ValueError(f"not a price: {text!r}")
-    if isinstance(text, (int, float)):
+    if isinstance(text, int | float):
+        if isinstance(text, int) and text > maximum:  # before float(): a huge int overflows it
+            raise ValueError(
+                f"not a price: {_short(text)} per token is above the maximum of ${maximum:g}"
+            )
         value = float(text)
     elif isinstance(text, str):
         value = _parse_price_text(text)
     else:
-        raise ValueError(f"not a price: {text!r} (expected a number or text like '$2.50/1M')")
+        raise ValueError(
+            f"not a price: a {type(text).__name__} (expected a number or text like '$2.50/1M')"
+        )
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"not a price: {text!r} (must be a finite number >= 0)")
+        raise ValueError(f"not a price: {_short(text)} (must be a finite number >= 0)")
+    if value > maximum:
+        raise ValueError(
+            f"not a price: {_short(text)} is ${value:g} per token, above the maximum of "
+            f"${maximum:g} per token (${maximum * 1e6:,.0f} per 1M tokens)"
+        )
     return value
 
 
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}...{text[-10:]} ({len(text):,} characters)"
+
+
+_NUMBER_RUN = re.compile(r"[\d.,]+")  # linear: a required "," inside would backtrack
+_GROUPED = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d*)?")
+
+
+def strip_thousands_separators(text: str) -> str:
+    """``text`` without the commas that separate thousands: ``"2,000,000"`` -> ``"2000000"``.
+
+    A comma counts as a thousands separator only between groups of exactly three digits in
+    the whole part of a number (``1,500.25``). Any other comma is refused, since in much of
+    the world ``1,5`` means one and a half and must not be read as fifteen.
+
+    Raises:
+        ValueError: a comma that is not a thousands separator (the message suggests the same
+            number written with a decimal point).
+
+    Example:
+        >>> strip_thousands_separators("$1,000/1,000,000")
+        '$1000/1000000'
+    """
+    if "," not in text:
+        return text
+    out: list[str] = []
+    pos = 0
+    for m in _NUMBER_RUN.finditer(text):
+        run = m.group()
+        if "," not in run:
+            continue
+        if not _GROUPED.fullmatch(run):
+            if run.count(",") == 1 and "." not in run and run.strip(",") == run:
+                hint = _short(text[: m.start()] + run.replace(",", ".") + text[m.end() :])
+            else:
+                hint = "'1.5M'"
+            raise ValueError(
+                f"{_short(text)}: a comma only separates thousands, in groups of three digits "
+                f"(2,000,000); write decimals with a point, e.g. {hint}"
+            )
+        out.append(text[pos : m.start()])
+        out.append(run.replace(",", ""))
+        pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+_MAX_PRICE_TEXT = 200
+
+
 def _parse_price_text(text: str) -> float:
-    match = _PRICE.match(text.replace(",", "").replace("_", ""))
+    if len(text) > _MAX_PRICE_TEXT:
+        raise ValueError(f"not a price: {_short(text)} is longer than {_MAX_PRICE_TEXT} characters")
+    # One space per gap: _PRICE's neighbouring optional spaces would otherwise backtrack
+    # polynomially on a long run of blanks.
+    try:
+        plain = strip_thousands_separators(" ".join(text.replace("_", "").split()))
+    except ValueError as exc:
+        raise ValueError(f"not a price: {exc}") from None
+    match = _PRICE.match(plain)
     if match is None:
         raise ValueError(
-            f"not a price: {text!r} (expected USD per token like 3e-6, or per block like "
+            f"not a price: {_short(text)} (expected USD per token like 3e-6, or per block like "
             "'$2.50/1M', '$0.002/1k', '$3 per million tokens')"
         )
     amount = float(match["amount"])
@@ -401,9 +487,9 @@ def _parse_price_text(text: str) -> float:
     count = float(match["count"]) if match["count"] else None
     unit = _UNITS[match["unit"].lower()] if match["unit"] else None
     if count is None and unit is None and match["tokens"] is None:
-        raise ValueError(f"not a price: {text!r} (nothing after {match['per']!r})")
+        raise ValueError(f"not a price: {_short(text)} (nothing after {match['per']!r})")
     divisor = (count if count is not None else 1.0) * (unit if unit is not None else 1.0)
     if divisor <= 0:
-        raise ValueError(f"not a price: {text!r} (divides by zero tokens)")
+        raise ValueError(f"not a price: {_short(text)} (divides by zero tokens)")
     # amount / 1e6 rounds differently from amount * 1e-6; dividing keeps 2.5/1M == 2.5e-06.
     return amount / divisor

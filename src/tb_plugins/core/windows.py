@@ -3,15 +3,29 @@
 A window turns "now" into a :class:`Slot`: the bucket whose counter a call charges, which
 buckets a check sums, and when the window resets.
 
-* Calendar windows (``minute``, ``hour``, ``day``, ``week``, ``month``) start at the local
-  boundary in the policy's timezone, so a day is 23 or 25 hours long across a DST change and a
-  month ends on its last day. Weeks start on Monday (ISO 8601). The bucket is the window's start
-  in epoch seconds, so every process that agrees on the clock agrees on the bucket.
+* Calendar windows (``minute``, ``hour``, ``day``, ``week``, ``month``) follow the wall clock of
+  the policy's timezone, and in every IANA zone they tile time: each instant belongs to exactly
+  one window, and a window ends where the next begins. Weeks start on Monday (ISO 8601). The
+  bucket is the window's start in epoch seconds, so every process that agrees on the clock
+  agrees on the bucket.
+
+  - ``day``, ``week`` and ``month`` start at local midnight of their first day, so a day is 23
+    or 25 hours long across a DST change and a month ends on its last day. When a DST change
+    skips midnight, the window starts at the change (the first instant of that local day).
+  - ``minute`` and ``hour`` are local clock minutes and hours during which the UTC offset does
+    not change; a change of offset always ends one window and starts the next. So the repeated
+    hour of a fall-back is two windows, and a 30-minute shift (``Australia/Lord_Howe``) or a
+    15-minute one (``Asia/Kathmandu`` in 1986) makes one hour window 30 or 45 minutes long
+    rather than overlapping its neighbour.
 * Rolling windows (``rolling:1m``, ``rolling:1h30m``) are sliding windows kept as sub-buckets of
   ``duration / 60`` (at least one second). A check sums every bucket that overlaps the last
   ``duration`` seconds, so a spend counts for at least ``duration`` and at most
-  ``duration + width``: the window may hold spend slightly longer, never shorter.
+  ``duration + width``: the window may hold spend slightly longer, never shorter. A rolling
+  window lasts from 1 second to :data:`MAX_ROLLING` (366 days).
 * ``total`` never resets.
+
+Durations are finite and positive, and at most :data:`MAX_DURATION` (3650 days) unless the
+caller sets a smaller maximum.
 
 Example:
     >>> from zoneinfo import ZoneInfo
@@ -26,14 +40,24 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-__all__ = ["CALENDAR", "Clock", "Slot", "Window", "parse_duration", "parse_window", "system_clock"]
+__all__ = [
+    "CALENDAR",
+    "MAX_DURATION",
+    "MAX_ROLLING",
+    "Clock",
+    "Slot",
+    "Window",
+    "parse_duration",
+    "parse_window",
+    "system_clock",
+]
 
 CALENDAR = ("minute", "hour", "day", "week", "month")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h|hr|d|w)")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|sec|s|min|m|hr|h|d|w)")  # longest first
 _UNIT_SECONDS = {
     "ms": 0.001,
     "s": 1,
@@ -46,6 +70,10 @@ _UNIT_SECONDS = {
     "w": 604800,
 }
 ROLLING_BUCKETS = 60
+MAX_DURATION = 3650 * 86400.0
+"""Longest duration :func:`parse_duration` accepts by default: 3650 days (about ten years)."""
+MAX_ROLLING = 366 * 86400.0
+"""Longest rolling window: 366 days (a leap year), i.e. ``rolling:366d``."""
 
 
 class Clock(Protocol):
@@ -61,34 +89,62 @@ def system_clock() -> float:
     return time.time()
 
 
-def parse_duration(text: str | int | float) -> float:
+def parse_duration(text: str | int | float, *, maximum: float = MAX_DURATION) -> float:
     """Seconds from ``"90s"``, ``"10m"``, ``"1h30m"``, ``"2d"``, ``"1w"`` or a number of seconds.
 
+    Args:
+        text: the duration.
+        maximum: the longest duration accepted, in seconds (:data:`MAX_DURATION`, 3650 days,
+            unless the caller bounds it further).
+
     Raises:
-        ValueError: the text is not a positive duration.
+        ValueError: the text is not a duration, or it is not finite, not positive, or longer
+            than ``maximum``.
+
+    Example:
+        >>> parse_duration("1h30m")
+        5400.0
     """
     if isinstance(text, bool):
         raise ValueError(f"not a duration: {text!r}")
     if isinstance(text, int | float):
+        if isinstance(text, int) and text > maximum:  # before float(): a huge int overflows it
+            raise ValueError(
+                f"a duration must be at most {_canonical_seconds(maximum)}, got {_short(text)}"
+            )
         seconds = float(text)
-    else:
+    elif isinstance(text, str):
         s = text.strip().lower().replace(" ", "")
         if re.fullmatch(r"\d+(\.\d+)?", s):
             seconds = float(s)
         else:
             pos, seconds = 0, 0.0
-            for m in _DURATION_PART.finditer(s):
-                if m.start() != pos:
+            while pos < len(s):  # anchored matches: searching ahead would be quadratic
+                m = _DURATION_PART.match(s, pos)
+                if m is None:
                     break
                 seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
                 pos = m.end()
             if pos != len(s) or not s:
                 raise ValueError(
-                    f"not a duration: {text!r} (use e.g. '30s', '10m', '1h30m', '1d', '1w')"
+                    f"not a duration: {_short(text)} (use e.g. '30s', '10m', '1h30m', '1d', '1w')"
                 )
+    else:
+        raise ValueError(f"not a duration: {_short(text)}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"a duration must be finite, got {_short(text)}")
     if seconds <= 0:
-        raise ValueError(f"a duration must be positive, got {text!r}")
+        raise ValueError(f"a duration must be positive, got {_short(text)}")
+    if seconds > maximum:
+        raise ValueError(
+            f"a duration must be at most {_canonical_seconds(maximum)}, got {_short(text)}"
+        )
     return seconds
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}...{text[-10:]} ({len(text):,} characters)"
 
 
 @dataclass(frozen=True)
@@ -147,35 +203,93 @@ class Window:
 
 
 def _calendar_bounds(unit: str, now: float, tz: ZoneInfo) -> tuple[float, float]:
-    local = datetime.fromtimestamp(now, tz)
-    if unit in ("minute", "hour"):
-        # Fixed-length windows: floor the local wall time (keeping ``fold`` so the repeated
-        # hour of a DST fall-back is its own window), then add absolute seconds.
-        if unit == "minute":
-            floor = local.replace(second=0, microsecond=0)
-            length = 60.0
-        else:
-            floor = local.replace(minute=0, second=0, microsecond=0)
-            length = 3600.0
-        start = floor.timestamp()
-        return start, start + length
-    day = local.date()
-    if unit == "day":
-        first, nxt = day, day + timedelta(days=1)
-    elif unit == "week":
-        first = day - timedelta(days=day.weekday())
-        nxt = first + timedelta(days=7)
-    elif unit == "month":
-        first = day.replace(day=1)
-        nxt = (
-            first.replace(year=first.year + 1, month=1)
-            if first.month == 12
-            else first.replace(month=first.month + 1)
-        )
-    else:  # pragma: no cover - parse_window admits only CALENDAR
+    if unit == "minute":
+        return _clock_bounds(now, tz, 60)
+    if unit == "hour":
+        return _clock_bounds(now, tz, 3600)
+    if unit not in ("day", "week", "month"):  # pragma: no cover - parse_window admits CALENDAR
         raise ValueError(unit)
-    start = datetime(first.year, first.month, first.day, tzinfo=tz).timestamp()
-    end = datetime(nxt.year, nxt.month, nxt.day, tzinfo=tz).timestamp()
+    # The local date is a first guess: where the clock steps back over midnight, an instant
+    # can show yesterday's date although today's window already started, so step to the
+    # period whose [start, end) really holds ``now``.
+    first = _period_start(unit, datetime.fromtimestamp(now, tz).date())
+    start = _first_instant(first, tz)
+    while now < start:
+        first = _period_start(unit, first - timedelta(days=1))
+        start = _first_instant(first, tz)
+    nxt = _next_period(unit, first)
+    end = _first_instant(nxt, tz)
+    while now >= end:
+        first, start = nxt, end
+        nxt = _next_period(unit, first)
+        end = _first_instant(nxt, tz)
+    return start, end
+
+
+def _period_start(unit: str, day: date) -> date:
+    if unit == "week":
+        return day - timedelta(days=day.weekday())
+    if unit == "month":
+        return day.replace(day=1)
+    return day
+
+
+def _next_period(unit: str, first: date) -> date:
+    if unit == "week":
+        return first + timedelta(days=7)
+    if unit == "month":
+        if first.month == 12:
+            return first.replace(year=first.year + 1, month=1)
+        return first.replace(month=first.month + 1)
+    return first + timedelta(days=1)
+
+
+def _offset(t: float, tz: ZoneInfo) -> float:
+    offset = datetime.fromtimestamp(t, tz).utcoffset()
+    return 0.0 if offset is None else offset.total_seconds()
+
+
+def _first_instant(day: date, tz: ZoneInfo) -> float:
+    """The first instant at which the local clock in ``tz`` reads ``day`` 00:00 or later.
+
+    Midnight of an ambiguous night is its first occurrence (``fold=0``). A midnight that a DST
+    change skips does not exist: the day then starts at the change itself.
+    """
+    wall = datetime(day.year, day.month, day.day)
+    after = wall.replace(tzinfo=tz).timestamp()  # fold=0: a skipped time maps past the change
+    if datetime.fromtimestamp(after, tz).replace(tzinfo=None) == wall:
+        return after
+    before = wall.replace(tzinfo=tz, fold=1).timestamp()  # the same time before the change
+    return float(_change_between(math.floor(before), math.ceil(after), tz))
+
+
+def _change_between(lo: int, hi: int, tz: ZoneInfo) -> int:
+    """The first whole second in ``(lo, hi]`` whose UTC offset differs from the one at ``lo``.
+
+    The offset at ``hi`` must differ from the one at ``lo``; tz database changes fall on whole
+    seconds, and no zone changes its offset twice within the spans searched here (an hour, or
+    the gap of one skipped midnight).
+    """
+    base = _offset(lo, tz)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _offset(mid, tz) == base:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _clock_bounds(now: float, tz: ZoneInfo, length: int) -> tuple[float, float]:
+    """A local clock minute or hour holding ``now``, cut where the UTC offset changes."""
+    offset = _offset(now, tz)
+    mark = math.floor((now + offset) / length) * length  # the local mark, as wall-clock seconds
+    start = mark - offset
+    end = start + length
+    if _offset(start, tz) != offset:  # the offset changed after the mark: start at the change
+        start = float(_change_between(math.floor(start), math.floor(now), tz))
+    if _offset(end, tz) != offset:  # it changes before the next mark: end at the change
+        end = float(_change_between(math.floor(now), math.ceil(end), tz))
     return start, end
 
 
@@ -189,24 +303,30 @@ def _canonical_seconds(seconds: float) -> str:
 def parse_window(text: str) -> Window:
     """Parse ``minute|hour|day|week|month|total|rolling:<duration>``.
 
+    A rolling duration is from 1 second to :data:`MAX_ROLLING` (366 days).
+
     Raises:
         ValueError: unknown window, or a bad rolling duration.
+
+    Example:
+        >>> parse_window("rolling:90m").spec
+        'rolling:90m'
     """
     if not isinstance(text, str):
-        raise ValueError(f"a window must be a string, got {text!r}")
+        raise ValueError(f"a window must be a string, got {_short(text)}")
     s = text.strip().lower()
     if s in CALENDAR:
         return Window(spec=s, kind="calendar")
     if s == "total":
         return Window(spec="total", kind="total")
     if s.startswith("rolling:"):
-        seconds = parse_duration(s.split(":", 1)[1])
+        seconds = parse_duration(s.split(":", 1)[1], maximum=MAX_ROLLING)
         if seconds < 1:
-            raise ValueError(f"a rolling window must be at least 1s, got {text!r}")
+            raise ValueError(f"a rolling window must be at least 1s, got {_short(text)}")
         return Window(
             spec=f"rolling:{_canonical_seconds(seconds)}", kind="rolling", seconds=seconds
         )
     raise ValueError(
-        f"unknown window {text!r} (expected minute, hour, day, week, month, total "
+        f"unknown window {_short(text)} (expected minute, hour, day, week, month, total "
         f"or rolling:<duration> such as rolling:1m)"
     )
