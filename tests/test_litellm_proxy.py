@@ -456,7 +456,8 @@ def test_client_disconnect_mid_stream_charges_only_what_was_streamed(stack: Stac
 @pytest.mark.slow
 def test_client_cannot_charge_another_team(stack: Stack) -> None:
     """Another team's id or scopes in metadata and headers are ignored: the key's own team
-    and user pay; only agent:/session: scopes from the client are added."""
+    and user pay; only agent:/session: scopes from the client are added, under the key's
+    team."""
     client, _ = counting_client(stack, "sk-spoof")
     before = len(stack.fake.requests)
     client.chat.completions.create(
@@ -479,8 +480,8 @@ def test_client_cannot_charge_another_team(stack: Stack) -> None:
     used = served.prompt_tokens + served.completion_tokens
     assert stack.settled("team:spoof-team").spent == used
     assert stack.settled("user:spoof-user").spent == used
-    assert stack.tokens("agent:planner").spent == used
-    assert stack.tokens("session:s-1").spent == used
+    assert stack.tokens("agent:planner@team:spoof-team").spent == used
+    assert stack.tokens("session:s-1@team:spoof-team").spent == used
     for victim in ("team:victim-team", "user:victim", "key:victim-key"):
         assert (stack.tokens(victim).spent, stack.tokens(victim).reserved) == (0, 0)
 

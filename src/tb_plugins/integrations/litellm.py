@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
-from tb_plugins.core.usage import Usage
+from tb_plugins.core.usage import Usage, check_count
 from tb_plugins.errors import BudgetRefused
 from tb_plugins.guard import BudgetGuard, Decision
 
@@ -60,6 +60,7 @@ logger = logging.getLogger("tb_plugins")
 # and for errors without a status): a budget refusal is about the caller, not the deployment.
 _NO_RETRY_STATUS = 400
 _APIS = frozenset({"completion", "text_completion", "embedding", "responses", "anthropic_messages"})
+_CHAT_CAPS = ("max_completion_tokens", "max_tokens")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ class RequestView:
         prompt: plain text input (embeddings, text completions).
         input_tokens: a known input size (embeddings given as token ids).
         tools: tool definitions, counted as input.
-        max_tokens: the output cap the request sets, if any.
+        max_tokens: the output cap the request sets, if any (for a chat request that sets
+            both ``max_tokens`` and ``max_completion_tokens``, the larger).
         max_tokens_key: where that cap lives in the request (None: no output, e.g. embeddings).
     """
 
@@ -97,6 +99,13 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _cap(data: Mapping[str, Any], key: str) -> int | None:
+    """The output cap ``data[key]`` (None when absent or null), checked: a cap the guard
+    cannot trust must stop the request, never let it through unbudgeted."""
+    value = data.get(key)
+    return None if value is None else check_count(key, value)
+
+
 def _chat_messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
         return []
@@ -114,6 +123,12 @@ def request_view(call_type: str | None, data: Mapping[str, Any]) -> RequestView 
 
     Returns None for calls that are not budgeted (images, audio, files, ...).
 
+    Raises:
+        TypeError: an output cap (``max_tokens``, ``max_completion_tokens``,
+            ``max_output_tokens``) is not a whole number (text, ``1.5``, NaN, a boolean).
+        ValueError: an output cap is negative or above
+            :data:`~tb_plugins.core.usage.MAX_CALL_TOKENS`.
+
     Example:
         >>> v = request_view("acompletion", {"model": "gpt-4o", "max_tokens": 5,
         ...                                  "messages": [{"role": "user", "content": "hi"}]})
@@ -127,12 +142,13 @@ def request_view(call_type: str | None, data: Mapping[str, Any]) -> RequestView 
     tools = data.get("tools") if isinstance(data.get("tools"), list) else None
     if kind == "completion":
         key = "max_completion_tokens" if "max_completion_tokens" in data else "max_tokens"
+        caps = [c for c in (_cap(data, k) for k in _CHAT_CAPS) if c is not None]
         return RequestView(
             kind,
             model,
             _chat_messages(data.get("messages")),
             tools=tools,
-            max_tokens=_int(data.get(key)),
+            max_tokens=max(caps) if caps else None,
             max_tokens_key=key,
         )
     if kind == "anthropic_messages":
@@ -145,7 +161,7 @@ def request_view(call_type: str | None, data: Mapping[str, Any]) -> RequestView 
             model,
             msgs,
             tools=tools,
-            max_tokens=_int(data.get("max_tokens")),
+            max_tokens=_cap(data, "max_tokens"),
             max_tokens_key="max_tokens",
         )
     if kind == "responses":
@@ -158,7 +174,7 @@ def request_view(call_type: str | None, data: Mapping[str, Any]) -> RequestView 
             model,
             msgs,
             tools=tools,
-            max_tokens=_int(data.get("max_output_tokens")),
+            max_tokens=_cap(data, "max_output_tokens"),
             max_tokens_key="max_output_tokens",
         )
     if kind == "embedding":
@@ -181,7 +197,7 @@ def request_view(call_type: str | None, data: Mapping[str, Any]) -> RequestView 
             kind,
             model,
             prompt=text,
-            max_tokens=_int(data.get("max_tokens")),
+            max_tokens=_cap(data, "max_tokens"),
             max_tokens_key="max_tokens",
         )
     return None
@@ -195,34 +211,48 @@ def _get(obj: Any, *names: str) -> Any:
     return None
 
 
+def _count(value: Any) -> int:
+    """One reported count made safe to charge (see :meth:`Usage.reported`)."""
+    return Usage.reported(value, 0).input_tokens
+
+
 def usage_of(response: Any, kwargs: Mapping[str, Any] | None = None) -> Usage | None:
     """The usage a LiteLLM response reports (chat, stream, Responses, Anthropic, embeddings).
 
     Falls back to the ``standard_logging_object`` LiteLLM passes to success callbacks;
-    None when neither says (the caller then charges the estimate).
+    None when neither reports an input count (the caller then charges the estimate). The
+    counts go through :meth:`Usage.reported`: odd ones (negative, fractional, text, null,
+    beyond :data:`~tb_plugins.core.usage.MAX_CALL_TOKENS`) are charged as it reads them,
+    never raising.
+
+    Example:
+        >>> u = usage_of({"usage": {"prompt_tokens": 12, "completion_tokens": -3}})
+        >>> u.input_tokens, u.output_tokens
+        (12, 0)
     """
     u = _get(response, "usage")
     if u is None and kwargs is not None:
         u = _get(kwargs.get("async_complete_streaming_response"), "usage")
     if u is not None:
-        inp = _int(_get(u, "prompt_tokens", "input_tokens"))
+        inp = _get(u, "prompt_tokens", "input_tokens")
         if inp is not None:
             if _get(u, "prompt_tokens") is None:  # Anthropic counts cache reads apart
-                inp += (_int(_get(u, "cache_read_input_tokens")) or 0) + (
-                    _int(_get(u, "cache_creation_input_tokens")) or 0
+                inp = (
+                    _count(inp)
+                    + _count(_get(u, "cache_read_input_tokens"))
+                    + _count(_get(u, "cache_creation_input_tokens"))
                 )
-            out = _int(_get(u, "completion_tokens", "output_tokens")) or 0
             inp_d = _get(u, "prompt_tokens_details", "input_tokens_details")
             out_d = _get(u, "completion_tokens_details", "output_tokens_details")
-            return Usage(
-                input_tokens=inp,
-                output_tokens=out,
-                cached_input_tokens=_int(_get(inp_d, "cached_tokens")) or 0,
-                reasoning_tokens=_int(_get(out_d, "reasoning_tokens")) or 0,
+            return Usage.reported(
+                inp,
+                _get(u, "completion_tokens", "output_tokens"),
+                _get(inp_d, "cached_tokens"),
+                _get(out_d, "reasoning_tokens"),
             )
     slo = (kwargs or {}).get("standard_logging_object")
-    if isinstance(slo, Mapping) and _int(slo.get("prompt_tokens")) is not None:
-        return Usage(int(slo["prompt_tokens"]), _int(slo.get("completion_tokens")) or 0)
+    if isinstance(slo, Mapping) and slo.get("prompt_tokens") is not None:
+        return Usage.reported(slo["prompt_tokens"], slo.get("completion_tokens"))
     return None
 
 
@@ -264,14 +294,20 @@ def ask_stream_usage(kwargs: dict[str, Any]) -> None:
 
 
 def apply_decision(data: dict[str, Any], view: RequestView, decision: Decision) -> None:
-    """Write a decision's ``max_tokens`` into a request, under the request's own key."""
+    """Write a decision's ``max_tokens`` into a request, under the request's own key (and
+    lower a chat request's other cap, ``max_tokens`` or ``max_completion_tokens``, if it
+    asks for more, so no cap the provider may read is above the decision)."""
     key = view.max_tokens_key
-    if (
-        key is not None
-        and decision.max_tokens is not None
-        and decision.max_tokens != view.max_tokens
-    ):
-        data[key] = decision.max_tokens
+    cap = decision.max_tokens
+    if key is None or cap is None:
+        return
+    if cap != view.max_tokens:
+        data[key] = cap
+    if view.api == "completion":
+        for other in _CHAT_CAPS:
+            value = _int(data.get(other))
+            if other != key and value is not None and value > cap:
+                data[other] = cap
 
 
 class TokenBudgetLogger(CustomLogger):

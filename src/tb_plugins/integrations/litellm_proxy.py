@@ -22,17 +22,42 @@ embeddings, text completions):
    ``model`` (downgrade: the router then serves the cheaper model group with that group's
    own deployments and credentials) and ``max_tokens`` (clamp). A refusal is an HTTP 429
    with ``x-should-retry: false`` (the official OpenAI clients do not retry it) and a body
-   naming the scope, budget, spend, limit and reset time.
+   naming the scope, budget, spend, limit and reset time. An output cap
+   (``max_tokens``, ``max_completion_tokens``, ``max_output_tokens``) that is not a whole
+   number of tokens between 0 and :data:`~tb_plugins.core.usage.MAX_CALL_TOKENS` is an
+   HTTP 400 (``invalid_request_error``) naming the field.
 2. ``async_post_call_response_headers_hook`` tells the client ``x-tb-decision``,
    ``x-tb-model-served`` and ``x-tb-budget-remaining-tokens``.
 3. ``async_log_success_event`` settles the hold with the usage the upstream reported
    (for streams, the assembled stream's usage; after a client disconnect, the proxy's
    partial-stream usage). ``async_post_call_failure_hook`` releases it; a stream that
    ends without either (a disconnect before the first chunk) is released after
-   ``disconnect_grace`` seconds.
+   ``disconnect_grace`` seconds, and one that fails after its first chunk is charged its
+   estimate.
 
-Holds are keyed by ``litellm_call_id``. The hooks are defined in the class body because the
-proxy only runs hooks a callback's own class defines.
+**Client scopes are namespaced under their owner.** A scope a client adds is charged as
+``<kind>:<name>@<owner>``, the owner being the key's team scope (``team:<id>``), else its key
+scope (``key:<alias or hashed token>``): ``x-tb-scopes: agent:planner`` from a key of team
+``search`` charges ``agent:planner@team:search``. So no tenant can spend, or be refused on,
+another tenant's counters, and reports still read plainly. In the policy, ``agent:*``
+matches every tenant's agents one by one; a budget for one tenant's agent is written
+``agent:planner@team:search``, and ``agent:planner@*`` matches that agent of every tenant.
+A client scope name must pass :func:`~tb_plugins.core.scopes.normalize_scope` and may not
+contain ``@`` or a pattern character (``* ? [ ]``); others are dropped (logged at debug
+level), never failing the request.
+
+**Holds belong to the request that made them.** Each admitted request gets a random token
+(``secrets.token_hex(16)``) made by the pre-call hook; its hold and its ``x-tb-*`` headers are
+kept under that token, which travels in the request's LiteLLM metadata
+(``metadata.tb_plugins_hold``, or ``litellm_metadata`` on the routes that use it) to the
+success, failure, streaming and header hooks. The pre-call hook first deletes whatever value
+the client put in that field, on every path, so only the proxy ever writes it; the token is
+never sent upstream nor in a response. ``litellm_call_id`` (which a client sets with
+``x-litellm-call-id``) plays no part: two requests with the same call id are two requests,
+each charged.
+
+The hooks are defined in the class body because the proxy only runs hooks a callback's own
+class defines.
 """
 
 from __future__ import annotations
@@ -40,9 +65,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import sys
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +76,14 @@ import litellm
 from litellm.integrations.custom_logger import CustomLogger
 from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 
+from tb_plugins.core.scopes import normalize_scope
 from tb_plugins.errors import BudgetRefused, ConfigError, LedgerUnavailable
 from tb_plugins.guard import BudgetGuard, Decision
 from tb_plugins.integrations.litellm import apply_decision, request_view, usage_of
 
 __all__ = [
     "CLIENT_SCOPE_KINDS",
+    "HOLD_KEY",
     "SCOPES_HEADER",
     "BudgetProxyException",
     "TokenBudgetProxyHandler",
@@ -63,6 +91,7 @@ __all__ = [
     "guard_from_settings",
     "identity_scopes",
     "proxy_handler",
+    "scope_owner",
 ]
 
 logger = logging.getLogger("tb_plugins")
@@ -70,8 +99,16 @@ logger = logging.getLogger("tb_plugins")
 CLIENT_SCOPE_KINDS = ("agent", "session", "feature")
 """Scope kinds a client may add to its own requests; every other kind comes from auth."""
 SCOPES_HEADER = "x-tb-scopes"
+HOLD_KEY = "tb_plugins_hold"
+"""The LiteLLM metadata field that carries an admitted request's hold token (written by the
+pre-call hook only; a client's value is deleted)."""
+_METADATA_FIELDS = ("litellm_metadata", "metadata")
 _MAX_CLIENT_SCOPES = 8
+_MAX_CLIENT_ITEMS = 64  # scope items read per request, whatever the client sends
 _MAX_SCOPE_LENGTH = 200
+_NOT_IN_CLIENT_NAMES = frozenset("@*?[]")  # the owner separator; pattern characters
+_CAP_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
+_MAX_ERROR_TEXT = 300
 _HEADER_MEMORY = 65536
 
 
@@ -85,8 +122,6 @@ class BudgetProxyException(ProxyException):
                    "unit": "tokens", "spent": 2000000, "limit": 2000000, "requested": 812,
                    "resets_at": 1767225600.0, "resets_at_iso": "2026-01-01T00:00:00+00:00"}}
     """
-
-    tb_plugins_refusal = True
 
     def __init__(self, refusal: BudgetRefused) -> None:
         super().__init__(
@@ -106,8 +141,19 @@ class BudgetProxyException(ProxyException):
         return {**super().to_dict(), "reason": reason, **fields}
 
 
-class _CallIdInFlight(ProxyException):
-    tb_plugins_refusal = True
+def _invalid_request(err: Exception) -> ProxyException:
+    """HTTP 400 for a request the guard cannot read (e.g. ``max_tokens: -5``)."""
+    text = str(err)
+    if len(text) > _MAX_ERROR_TEXT:
+        text = text[:_MAX_ERROR_TEXT] + "..."
+    field = next((f for f in _CAP_FIELDS if text.startswith(f + " ")), None)
+    return ProxyException(
+        message=f"tb_plugins: invalid request: {text}",
+        type="invalid_request_error",
+        param=field,
+        code=400,
+        headers={"x-should-retry": "false"},
+    )
 
 
 def identity_scopes(auth: UserAPIKeyAuth) -> list[str]:
@@ -131,38 +177,93 @@ def identity_scopes(auth: UserAPIKeyAuth) -> list[str]:
     return out
 
 
-def client_scopes(data: Mapping[str, Any]) -> list[str]:
+def scope_owner(auth: UserAPIKeyAuth) -> str | None:
+    """Whom the scopes a client adds belong to: the key's team scope, else its key scope
+    (None for a key with neither, whose client scopes are then dropped).
+
+    Example:
+        >>> from litellm.proxy._types import UserAPIKeyAuth
+        >>> scope_owner(UserAPIKeyAuth(api_key="sk-1", key_alias="ci", team_id="search"))
+        'team:search'
+        >>> scope_owner(UserAPIKeyAuth(api_key="sk-1", key_alias="ci"))
+        'key:ci'
+    """
+    if auth.team_id:
+        return f"team:{auth.team_id}"
+    key = auth.key_alias or auth.token
+    return f"key:{key}" if key else None
+
+
+def _client_items(data: Mapping[str, Any]) -> Iterator[object]:
+    for field in ("metadata", "litellm_metadata"):
+        md = data.get(field)
+        value = md.get("tb_scopes") if isinstance(md, Mapping) else None
+        if isinstance(value, str):
+            yield from value.split(",")
+        elif isinstance(value, list | tuple):
+            yield from value
+        elif value is not None:
+            logger.debug("tb_plugins: ignoring %s.tb_scopes of type %s", field, type(value))
+    request = data.get("proxy_server_request")
+    headers = request.get("headers") if isinstance(request, Mapping) else None
+    value = headers.get(SCOPES_HEADER) if isinstance(headers, Mapping) else None
+    if isinstance(value, str):
+        yield from value.split(",")
+
+
+def _client_scope(item: object) -> str | None:
+    """One scope a client sent, checked; None (logged) if it may not be used."""
+    if not isinstance(item, str):
+        logger.debug("tb_plugins: ignoring client scope of type %s", type(item))
+        return None
+    text = item.strip()
+    if not text:
+        return None
+    if len(text) > _MAX_SCOPE_LENGTH:
+        logger.debug("tb_plugins: ignoring a client scope of %d characters", len(text))
+        return None
+    try:
+        scope = normalize_scope(text)
+    except ValueError as err:
+        logger.debug("tb_plugins: ignoring client scope: %s", err)
+        return None
+    kind, _, name = scope.partition(":")
+    if kind not in CLIENT_SCOPE_KINDS:
+        logger.debug("tb_plugins: ignoring client scope %r (not a client kind)", scope)
+        return None
+    if _NOT_IN_CLIENT_NAMES.intersection(name):
+        logger.debug("tb_plugins: ignoring client scope %r (no @ or * ? [ ] in a name)", scope)
+        return None
+    return scope
+
+
+def client_scopes(data: Mapping[str, Any], owner: str | None = None) -> list[str]:
     """The finer scopes a client asked for (``metadata.tb_scopes``, the ``x-tb-scopes``
-    header), keeping only ``agent:``, ``session:`` and ``feature:`` ones.
+    header): ``agent:``, ``session:`` and ``feature:`` ones that pass
+    :func:`~tb_plugins.core.scopes.normalize_scope`, at most eight; with ``owner``, each
+    namespaced as ``<kind>:<name>@<owner>``.
 
     Example:
         >>> client_scopes({"metadata": {"tb_scopes": ["agent:planner", "team:other"]}})
         ['agent:planner']
+        >>> client_scopes({"metadata": {"tb_scopes": "agent:planner"}}, owner="team:search")
+        ['agent:planner@team:search']
     """
-    raw: list[Any] = []
-    for field in ("metadata", "litellm_metadata"):
-        md = data.get(field)
-        if isinstance(md, Mapping):
-            value = md.get("tb_scopes")
-            raw.extend(value.split(",") if isinstance(value, str) else value or ())
-    request = data.get("proxy_server_request")
-    headers = request.get("headers") if isinstance(request, Mapping) else None
-    if isinstance(headers, Mapping):
-        value = headers.get(SCOPES_HEADER)
-        if isinstance(value, str):
-            raw.extend(value.split(","))
     out: list[str] = []
-    for item in raw:
-        scope = item.strip() if isinstance(item, str) else ""
-        kind, sep, name = scope.partition(":")
-        if not sep or not name or kind not in CLIENT_SCOPE_KINDS or len(scope) > _MAX_SCOPE_LENGTH:
-            if scope:
-                logger.debug("tb_plugins: ignoring client scope %r", scope[:_MAX_SCOPE_LENGTH])
+    for i, item in enumerate(_client_items(data)):
+        if i == _MAX_CLIENT_ITEMS or len(out) == _MAX_CLIENT_SCOPES:
+            break
+        scope = _client_scope(item)
+        if scope is None:
             continue
+        if owner is not None:
+            try:
+                scope = normalize_scope(f"{scope}@{owner}")
+            except ValueError as err:
+                logger.debug("tb_plugins: ignoring client scope: %s", err)
+                continue
         if scope not in out:
             out.append(scope)
-        if len(out) == _MAX_CLIENT_SCOPES:
-            break
     return out
 
 
@@ -174,6 +275,39 @@ def decision_headers(decision: Decision) -> dict[str, str]:
     if left is not None:
         headers["x-tb-budget-remaining-tokens"] = str(int(left))
     return headers
+
+
+def _drop_hold_tokens(data: Mapping[str, Any]) -> None:
+    """Delete any hold token from a request's metadata (what a client sent there)."""
+    for field in _METADATA_FIELDS:
+        md = data.get(field)
+        if isinstance(md, dict):
+            md.pop(HOLD_KEY, None)
+            requester = md.get("requester_metadata")
+            if isinstance(requester, dict):
+                requester.pop(HOLD_KEY, None)
+
+
+def _carry_hold_token(data: dict[str, Any], token: str) -> None:
+    """Put ``token`` in the metadata LiteLLM keeps for itself on this route (the proxy
+    uses ``litellm_metadata`` where ``metadata`` is a provider field, e.g. Responses)."""
+    field = "litellm_metadata" if isinstance(data.get("litellm_metadata"), dict) else "metadata"
+    md = data.get(field)
+    if not isinstance(md, dict):
+        md = data[field] = {}
+    md[HOLD_KEY] = token
+
+
+def _hold_token(data: Any) -> str | None:
+    """The hold token a request carries, if any."""
+    if not isinstance(data, Mapping):
+        return None
+    for field in _METADATA_FIELDS:
+        md = data.get(field)
+        token = md.get(HOLD_KEY) if isinstance(md, Mapping) else None
+        if isinstance(token, str):
+            return token
+    return None
 
 
 def _resolve(path: str) -> Path:
@@ -242,8 +376,8 @@ class TokenBudgetProxyHandler(CustomLogger):
         """Requests admitted whose outcome is not known yet."""
         return len(self._holds)
 
-    def _remember(self, call_id: str, headers: dict[str, str]) -> None:
-        self._headers[call_id] = headers
+    def _remember(self, token: str, headers: dict[str, str]) -> None:
+        self._headers[token] = headers
         if len(self._headers) > _HEADER_MEMORY:  # a response that never asked for them
             self._headers.popitem(last=False)
 
@@ -251,19 +385,15 @@ class TokenBudgetProxyHandler(CustomLogger):
         self, user_api_key_dict: UserAPIKeyAuth, cache: Any, data: dict[str, Any], call_type: Any
     ) -> dict[str, Any] | None:
         """Reserve the request's estimate on its key's budgets; rewrite it or refuse it."""
-        view = request_view(call_type, data)
-        call_id = data.get("litellm_call_id")
-        if view is None or view.model is None or not isinstance(call_id, str):
+        _drop_hold_tokens(data)  # first, on every path: only this hook writes a hold token
+        try:
+            view = request_view(call_type, data)
+        except (TypeError, ValueError) as err:  # e.g. max_tokens: -5, "100", 1.5, 1e30
+            raise _invalid_request(err) from err
+        if view is None or not view.model:  # not budgeted here; the proxy refuses no model
             return None
-        if call_id in self._holds:
-            raise _CallIdInFlight(
-                message=f"x-litellm-call-id {call_id!r} is already in use by a request in flight",
-                type="invalid_request_error",
-                param=None,
-                code=409,
-                headers={"x-should-retry": "false"},
-            )
-        scopes = identity_scopes(user_api_key_dict) + client_scopes(data)
+        owner = scope_owner(user_api_key_dict)
+        scopes = identity_scopes(user_api_key_dict) + client_scopes(data, owner=owner)
         try:
             decision = await self.guard.acheck(
                 view.model,
@@ -275,7 +405,6 @@ class TokenBudgetProxyHandler(CustomLogger):
                 input_tokens=view.input_tokens,
             )
         except BudgetRefused as err:
-            self._remember(call_id, {"x-tb-decision": "deny"})
             raise BudgetProxyException(err) from err
         except LedgerUnavailable as err:
             raise ProxyException(
@@ -292,8 +421,10 @@ class TokenBudgetProxyHandler(CustomLogger):
         if decision.model != view.model:
             data["model"] = decision.model
         apply_decision(data, view, decision)
-        self._holds[call_id] = decision
-        self._remember(call_id, decision_headers(decision))
+        token = secrets.token_hex(16)
+        self._holds[token] = decision
+        self._remember(token, decision_headers(decision))
+        _carry_hold_token(data, token)
         return data
 
     async def async_post_call_response_headers_hook(
@@ -305,22 +436,26 @@ class TokenBudgetProxyHandler(CustomLogger):
         litellm_call_info: dict[str, Any] | None = None,
     ) -> dict[str, str] | None:
         """The ``x-tb-*`` headers of this request's decision."""
-        return self._headers.pop(str(data.get("litellm_call_id")), None)
+        token = _hold_token(data)
+        return None if token is None else self._headers.pop(token, None)
 
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         """Settle the hold with the usage the upstream reported."""
-        call_id = str(kwargs.get("litellm_call_id"))
-        decision = self._holds.get(call_id)
+        token = _hold_token(kwargs.get("litellm_params")) or _hold_token(kwargs)
+        decision = None if token is None else self._holds.pop(token, None)
         if decision is None:
             return
         try:
-            await self.guard.asettle(decision, usage_of(response_obj, kwargs))
+            usage = usage_of(response_obj, kwargs)
+        except Exception:  # charge the estimate rather than nothing
+            logger.exception("tb_plugins: reading the usage of %s failed", decision.reservation_id)
+            usage = None
+        try:
+            await self.guard.asettle(decision, usage)
         except Exception:  # accounting must never break the proxy
             logger.exception("tb_plugins: settling %s failed", decision.reservation_id)
-        finally:
-            self._holds.pop(call_id, None)
 
     async def async_post_call_failure_hook(
         self,
@@ -329,34 +464,46 @@ class TokenBudgetProxyHandler(CustomLogger):
         user_api_key_dict: UserAPIKeyAuth,
         traceback_str: str | None = None,
     ) -> Any:
-        """Release the hold of a request that failed (nothing for our own refusals)."""
-        if getattr(original_exception, "tb_plugins_refusal", False):
-            return None  # refused before reserving: the id may belong to another request
-        call_id = str(request_data.get("litellm_call_id"))
-        decision = self._holds.get(call_id)
+        """Release the hold of a request that failed (none if it was refused or never
+        budgeted: such a request carries no token)."""
+        token = _hold_token(request_data)
+        decision = None if token is None else self._holds.pop(token, None)
         if decision is not None:
             await self.guard.arelease(decision)
-            self._holds.pop(call_id, None)
         return None
 
     async def async_post_call_streaming_iterator_hook(
         self, user_api_key_dict: UserAPIKeyAuth, response: Any, request_data: dict[str, Any]
     ) -> AsyncGenerator[Any, None]:
-        """Pass the stream through; if it is cut short, make sure its hold is not left over."""
-        finished = False
+        """Pass the stream through; if it is cut short, make sure its hold is not left over.
+
+        A stream the upstream side breaks after output began (e.g. LiteLLM refusing the usage
+        it reported) is charged its estimate: output was served, so never zero.
+        """
+        token = _hold_token(request_data)
+        finished = begun = False
         try:
             async for item in response:
+                begun = True
                 yield item
             finished = True
+        except Exception:
+            decision = self._holds.pop(token, None) if begun and token is not None else None
+            if decision is not None:
+                logger.warning("tb_plugins: stream %s failed mid-way", decision.reservation_id)
+                try:
+                    await self.guard.asettle(decision, None)
+                except Exception:  # keep the stream's own error
+                    logger.exception("tb_plugins: settling %s failed", decision.reservation_id)
+            raise
         finally:
-            call_id = str(request_data.get("litellm_call_id"))
-            if not finished and call_id in self._holds:
+            if not finished and token is not None and token in self._holds:
                 asyncio.get_running_loop().call_later(
-                    self.disconnect_grace, self._release_if_held, call_id
+                    self.disconnect_grace, self._release_if_held, token
                 )
 
-    def _release_if_held(self, call_id: str) -> None:
-        decision = self._holds.pop(call_id, None)
+    def _release_if_held(self, token: str) -> None:
+        decision = self._holds.pop(token, None)
         if decision is not None:
             task = asyncio.ensure_future(self.guard.arelease(decision))
             self._tasks.add(task)

@@ -109,6 +109,7 @@ class _Rule:
     model: str | None = None
     path: str | None = None
     times: int | None = 1
+    usage: dict[str, Any] | None = None
 
     def matches(self, path: str, model: str | None) -> bool:
         return (self.model is None or self.model == model) and (
@@ -265,6 +266,7 @@ class FakeOpenAI:
         model: str | None = None,
         path: str | None = None,
         times: int | None = 1,
+        usage: dict[str, Any] | None = None,
     ) -> None:
         """Script how the next matching request(s) are answered (first script that matches).
 
@@ -281,8 +283,12 @@ class FakeOpenAI:
             model: only requests for this model.
             path: only requests whose path ends with this, e.g. ``/embeddings``.
             times: how many requests this applies to (None: every one until reset).
+            usage: fields that replace those of the ``usage`` object the answer reports
+                (chat and Responses, streamed or not), e.g. ``{"prompt_tokens": -5}`` or
+                ``{"completion_tokens": "7"}``, to play an upstream that reports odd usage;
+                the request is still recorded with the usage it really had.
         """
-        rule = _Rule(reply, tool_calls, fail, hang, stop, after_chunks, model, path, times)
+        rule = _Rule(reply, tool_calls, fail, hang, stop, after_chunks, model, path, times, usage)
         with self._lock:
             self._rules.append(rule)
 
@@ -697,7 +703,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                                 "finish_reason": reply.finish_reason,
                             }
                         ],
-                        "usage": _usage(prompt, reply.tokens),
+                        "usage": {**_usage(prompt, reply.tokens), **(rule.usage or {})},
                     },
                 )
                 return reply.tokens, 0
@@ -738,7 +744,11 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 tokens, count = reply.tokens, len(pieces)
             self._chunk(frame({}, reply.finish_reason))
             if include_usage:
-                final = {**head, "choices": [], "usage": _usage(prompt, tokens)}
+                final = {
+                    **head,
+                    "choices": [],
+                    "usage": {**_usage(prompt, tokens), **(rule.usage or {})},
+                }
                 self._chunk(b"data: " + json.dumps(final).encode() + b"\n\n")
             self._chunk(b"data: [DONE]\n\n")
             self._end_stream()
@@ -799,7 +809,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     response(
                         "completed",
                         [item(text, "completed")],
-                        _responses_usage(prompt, reply.tokens),
+                        {**_responses_usage(prompt, reply.tokens), **(rule.usage or {})},
                     ),
                 )
                 return reply.tokens, 0
@@ -865,7 +875,9 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 event(
                     "response.completed",
                     response=response(
-                        "completed", [item(text, "completed")], _responses_usage(prompt, tokens)
+                        "completed",
+                        [item(text, "completed")],
+                        {**_responses_usage(prompt, tokens), **(rule.usage or {})},
                     ),
                 )
             )
