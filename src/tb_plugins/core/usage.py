@@ -175,10 +175,11 @@ class Usage:
         reasoning_tokens: object = 0,
         model: str | None = None,
     ) -> Usage:
-        """Usage as a provider reported it, made safe to charge: a count that is not a whole
-        number (None, text, NaN) or is negative counts 0, one above :data:`MAX_CALL_TOKENS`
-        counts that maximum. Integrations use it for what arrives over the wire, so that odd
-        usage is still charged instead of being dropped.
+        """Usage as a provider reported it, made safe to charge: a count that is negative,
+        missing (None), NaN or unreadable counts 0; a fractional count (or a numeric string)
+        is rounded up; one above :data:`MAX_CALL_TOKENS` (or +infinity) counts that maximum;
+        cached and reasoning tokens are capped by input and output. Integrations use it for
+        what arrives over the wire, so that odd usage is still charged instead of dropped.
 
         Example:
             >>> Usage.reported(-5, 10**20).output_tokens
