@@ -8,6 +8,7 @@ behaviours by ``test_shared_ledgers.py``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 import time
@@ -22,8 +23,10 @@ from tb_plugins.ledger import LineState, ledger_from_url
 from tb_plugins.ledger.postgres import SCHEMA_VERSION, PostgresLedger
 from test_shared_ledgers import (
     PG_DSN,
+    PG_PORT,
     T0,
     TTL,
+    Proxy,
     drop_pg_schema,
     fresh_pg_schema,
     make_line,
@@ -454,3 +457,206 @@ def test_prune_deletes_what_stopped_counting_a_day_ago_and_keeps_the_rest(
     assert sql("SELECT count(*) FROM holds", schema=pg_schema) == [(0,)]
     assert ledger.claim_alert("old-alert", expires_at=None) is True
     assert ledger.status([cur, forever], now=T0)[0].spent[TOKENS] == 1
+
+
+# -- replies lost: reserve, settle ---------------------------------------------------------------
+
+_SETTLE_SIGNATURE = (
+    "bytea, bytea[], bigint[], bigint[], double precision[], bigint[], double precision, int[], "
+    "double precision, text, text, text, text, text, bigint, bigint, bigint, double precision, "
+    "boolean, boolean, text, bytea[], text[], bytea"
+)
+_LOG_SIGNATURE = (
+    "bytea, double precision, text, text, text, text, text, bigint, bigint, bigint, "
+    "double precision, boolean, boolean, text, bytea[], text[], bytea"
+)
+
+
+@pytest.fixture
+def proxy() -> Iterator[Proxy]:
+    """A TCP proxy in front of the shared PostgreSQL that a test can make lose replies."""
+    p = Proxy(PG_PORT)
+    yield p
+    p.close()
+
+
+def _held(schema: str) -> int:
+    return int(sql("SELECT count(*) FROM holds", schema=schema)[0][0])
+
+
+def test_a_reserve_whose_reply_was_lost_is_released_at_the_next_call(
+    pg_schema: str, proxy: Proxy
+) -> None:
+    """A reservation that committed on the server while its reply was lost (the watchdog cut
+    the connection) holds anyway; the ledger remembers its id and releases that phantom hold
+    right after its next successful call; a later settle or release of the id is harmless."""
+    led = ledger_from_url(pg_url(pg_schema, port=proxy.port, timeout=0.5))
+    ln = make_line("user:a", tokens=100)
+    try:
+        led.reserve("seed", [ln], amounts(1, 0, 0), now=T0, expires_at=T0 + TTL)  # the line
+        led.release("seed", now=T0)
+        proxy.mode = "drop_replies"
+        with pytest.raises(LedgerUnavailable):
+            led.reserve("lost", [ln], amounts(60, 0, 0), now=T0, expires_at=T0 + TTL)
+        proxy.mode = "pass"
+        assert _held(pg_schema) == 1  # it committed
+        deadline = time.monotonic() + 15
+        while True:  # the next call that gets through (the pool reconnects)
+            try:
+                led.status([ln], now=T0)
+                break
+            except LedgerUnavailable:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert _held(pg_schema) == 0
+        assert led.release("lost", now=T0) is False
+        rec = usage_record("lost", [ln], amounts(5, 0, 0))
+        assert led.settle("lost", [ln], amounts(5, 0, 0), rec, now=T0).applied
+        assert led.status([ln], now=T0)[0] == LineState(spent=amounts(5, 0, 0), held=ZERO)
+    finally:
+        led.close()
+
+
+def test_a_statement_cancelled_by_its_timeout_leaves_no_orphan(
+    ledger: PostgresLedger, pg_schema: str
+) -> None:
+    """A reserve cancelled by statement_timeout rolled back: nothing to release later."""
+    import psycopg
+
+    ln = make_line("user:a", tokens=100)
+    ledger.reserve("first", [ln], amounts(1, 0, 0), now=T0, expires_at=T0 + TTL)
+    with psycopg.connect(PG_DSN, options=f"-c search_path={pg_schema}") as blocker:
+        blocker.execute("SELECT 1 FROM lines FOR UPDATE")
+        with pytest.raises(LedgerUnavailable, match="did not answer"):
+            ledger.reserve("second", [ln], amounts(1, 0, 0), now=T0, expires_at=T0 + TTL)
+        blocker.rollback()
+    assert ledger._orphans == {}
+
+
+async def test_an_async_reserve_whose_reply_was_lost_is_released_at_the_next_call(
+    ledger: PostgresLedger, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The async twins do the same: an areserve that committed but whose reply was lost is
+    released right after the next successful async call."""
+    import psycopg
+
+    ln = make_line("user:a", tokens=100)
+    await ledger.areserve("seed", [ln], amounts(1, 0, 0), now=T0, expires_at=T0 + TTL)
+    await ledger.arelease("seed", now=T0)  # the line exists: the next reserve writes at once
+    real = psycopg.AsyncConnection.execute
+    lost: list[str] = []
+
+    async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        cur = await real(self, query, *args, **kwargs)
+        if "tb_reserve2" in str(query) and not lost:
+            await cur.fetchone()  # it ran and committed (autocommit)
+            lost.append(str(query))
+            raise psycopg.OperationalError("consuming input failed (simulated lost reply)")
+        return cur
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "execute", execute)
+    with pytest.raises(LedgerUnavailable):
+        await ledger.areserve("lost", [ln], amounts(60, 0, 0), now=T0, expires_at=T0 + TTL)
+    assert lost and _held(pg_schema) == 1
+    await ledger.astatus([ln], now=T0)
+    assert _held(pg_schema) == 0
+    await ledger.aclose()
+
+
+def test_a_settle_retried_after_a_broken_connection_says_applied_and_counts_once(
+    ledger: PostgresLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a settle committed but its connection broke before the reply, the ledger runs it
+    again on another connection; the retry recognizes its own earlier run (its token):
+    applied=True, spend counted and logged once. A second settle call still says False."""
+    import psycopg
+
+    ln = make_line("user:a", tokens=100)
+    amt = amounts(30, 0, 0)
+    assert ledger.reserve("r", [ln], amt, now=T0, expires_at=T0 + TTL).ok
+    real = psycopg.Connection.execute
+    runs: list[str] = []
+
+    def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        cur = real(self, query, *args, **kwargs)
+        if "tb_settle2" in str(query):
+            runs.append(str(query))
+            if len(runs) == 1:
+                cur.fetchone()  # it ran and committed (autocommit)
+                self.close()  # ... and the connection died before the reply was read
+                raise psycopg.OperationalError("server closed the connection (simulated)")
+        return cur
+
+    monkeypatch.setattr(psycopg.Connection, "execute", execute)
+    result = ledger.settle("r", [ln], amt, usage_record("r", [ln], amt), now=T0)
+    assert len(runs) == 2  # ran twice: the first reply was lost
+    assert result.applied is True
+    assert result.states == (LineState(spent=amt, held=ZERO),)
+    again = ledger.settle("r", [ln], amt, usage_record("r", [ln], amt), now=T0)
+    assert again.applied is False
+    assert ledger.status([ln], now=T0) == (LineState(spent=amt, held=ZERO),)
+    assert len(ledger.records()) == 1
+
+
+def test_a_version_2_schema_is_upgraded_to_3_keeping_its_data(pg_schema: str) -> None:
+    """A schema at version 2 (no settle tokens) is upgraded in place by the first call of a
+    newer ledger: spend, holds and log are kept, records of version 2 (no token) still count
+    as settled by another call, and new settles carry their token."""
+    first = ledger_from_url(pg_url(pg_schema))
+    ln = make_line("user:a", tokens=100)
+    amt = amounts(30, 0, 0)
+    first.settle("old", [ln], amt, usage_record("old", [ln], amt), now=T0)
+    assert first.reserve("held", [ln], amt, now=T0, expires_at=T0 + TTL).ok
+    first.close()
+    for statement in (
+        f"DROP FUNCTION tb_settle2({_SETTLE_SIGNATURE})",
+        f"DROP FUNCTION tb_log({_LOG_SIGNATURE})",
+        "ALTER TABLE usage DROP COLUMN settle_token",
+        "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
+    ):
+        sql(statement, schema=pg_schema)
+    upgraded = ledger_from_url(pg_url(pg_schema))
+    try:
+        (state,) = upgraded.status([ln], now=T0)
+        assert (state.spent[TOKENS], state.held[TOKENS]) == (30, 30)
+        assert sql("SELECT value FROM meta", schema=pg_schema) == [(str(SCHEMA_VERSION),)]
+        assert not upgraded.settle("old", [ln], amt, usage_record("old", [ln], amt), now=T0).applied
+        assert upgraded.settle("held", [ln], amt, usage_record("held", [ln], amt), now=T0).applied
+        tokens = sql("SELECT reservation_id, settle_token IS NOT NULL FROM usage ORDER BY id",
+                     schema=pg_schema)  # fmt: skip
+        assert tokens == [("old", False), ("held", True)]
+    finally:
+        upgraded.close()
+
+
+def test_a_sum_past_64_bits_in_the_database_is_a_ledger_error_not_unavailable(
+    ledger: PostgresLedger,
+) -> None:
+    """PostgreSQL's "bigint out of range" (a counter that would pass 2**63 - 1) is a
+    LedgerError saying "amount out of range", and the transaction wrote nothing."""
+    ln = make_line("user:a", "total")
+    top = (2**63 - 1, 0, 0, 0, 1, 1)
+    ledger.settle("s1", [ln], top, usage_record("s1", [ln], top), now=T0)
+    one = amounts(1, 0, 0)
+    with pytest.raises(LedgerError, match="amount out of range: bigint out of range") as info:
+        ledger.settle("s2", [ln], one, usage_record("s2", [ln], one), now=T0)
+    assert not isinstance(info.value, LedgerUnavailable)
+    assert ledger.status([ln], now=T0)[0].spent[TOKENS] == 2**63 - 1
+    assert [r.reservation_id for r in ledger.records()] == ["s1"]
+
+
+def test_nul_in_names_is_escaped_in_text_columns_and_read_back_exactly(
+    ledger: PostgresLedger, pg_schema: str
+) -> None:
+    """PostgreSQL text cannot hold NUL: the log stores it as U+FDD0 "0" (and U+FDD0 itself
+    doubled), so names read back exactly and no two names collide."""
+    ln = make_line("user:a")
+    names = ["m\x00", "m\ufdd00", "m\ufdd0", "m\ufdd0\ufdd0", "\x00\x00"]
+    for i, name in enumerate(names):
+        rec = dataclasses.replace(usage_record(f"r{i}\x00", [ln], ZERO), model=name)
+        ledger.settle(f"r{i}\x00", [ln], amounts(1, 0, 0), rec, now=T0)
+    assert [r.model for r in ledger.records()] == names
+    assert [r.reservation_id for r in ledger.records()] == [f"r{i}\x00" for i in range(5)]
+    assert sorted(r.key for r in ledger.usage(group_by="model")) == sorted(names)
+    stored = [row[0] for row in sql("SELECT model FROM usage ORDER BY id", schema=pg_schema)]
+    assert stored[0] == "m\ufdd00" and len(set(stored)) == len(names)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from conftest import require_server
 from tb_plugins.core.usage import TOKENS, ZERO, add, amounts
 from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
 from tb_plugins.ledger import LineState, ledger_from_url
@@ -24,6 +25,7 @@ from test_shared_ledgers import (
     REDIS_PORT,
     T0,
     TTL,
+    Proxy,
     RedisServer,
     drop_redis_prefix,
     fresh_redis_prefix,
@@ -357,3 +359,174 @@ def test_the_async_client_follows_the_running_event_loop(ledger: RedisLedger) ->
         await ledger.aclose()
 
     asyncio.run(close())
+
+
+# -- replies lost: reserve, settle ---------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(request: pytest.FixtureRequest) -> Iterator[Proxy]:
+    """A TCP proxy in front of the shared Redis that a test can make lose replies."""
+    require_server("Redis", REDIS_HOST, REDIS_PORT)
+    p = Proxy(REDIS_PORT)
+    yield p
+    p.close()
+
+
+def test_a_reserve_whose_reply_was_lost_is_released_at_the_next_call(
+    redis_prefix: str, proxy: Proxy
+) -> None:
+    """A reserve that reached Redis but whose reply never came (socket timeout) holds
+    anyway; the ledger remembers its id and releases that phantom hold right after its next
+    successful call, and a later settle or release of the id stays harmless."""
+    ln = make_line("user:a", tokens=100)
+    led = ledger_from_url(redis_url(redis_prefix, port=proxy.port, timeout="200ms"))
+    direct = ledger_from_url(redis_url(redis_prefix))
+    try:
+        led.status([ln], now=T0)  # connected
+        proxy.mode = "drop_replies"
+        with pytest.raises(LedgerUnavailable):
+            led.reserve("lost", [ln], amounts(60, 0, 0), now=T0, expires_at=T0 + TTL)
+        assert direct.status([ln], now=T0)[0].held[TOKENS] == 60  # it landed
+        proxy.mode = "pass"
+        led.status([ln], now=T0)  # the next call succeeds ...
+        assert direct.status([ln], now=T0)[0].held == ZERO  # ... and the hold is gone
+        assert led.reserve("next", [ln], amounts(100, 0, 0), now=T0, expires_at=T0 + TTL).ok
+        assert led.release("lost", now=T0) is False
+        rec = usage_record("lost", [ln], amounts(5, 0, 0))
+        assert led.settle("lost", [ln], amounts(5, 0, 0), rec, now=T0).applied
+        (state,) = direct.status([ln], now=T0)
+        assert state.spent[TOKENS] == 5 and state.held[TOKENS] == 100
+    finally:
+        led.close()
+        direct.close()
+
+
+def test_a_reserve_retried_with_the_same_id_is_not_released_behind_its_back(
+    ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An id whose reserve timed out and is then reserved again holds: being in use again,
+    it is no longer an orphan, so no later call releases its new hold."""
+    ln = make_line("user:a", tokens=100)
+    _lose_replies(ledger, monkeypatch, "reserve", TimeoutError)
+    with pytest.raises(LedgerUnavailable):
+        ledger.reserve("r", [ln], amounts(60, 0, 0), now=T0, expires_at=T0 + TTL)
+    monkeypatch.undo()
+    assert ledger.reserve("r", [ln], amounts(70, 0, 0), now=T0, expires_at=T0 + TTL).ok
+    ledger.status([ln], now=T0)
+    assert ledger.status([ln], now=T0)[0].held[TOKENS] == 70
+
+
+def _lose_replies(
+    ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch, op: str, error: type[Exception]
+) -> list[str]:
+    """Make the next script call for ``op`` run on the server and then fail as if its reply
+    were lost (``error`` raised after the reply was read); returns the log of ops seen."""
+    import redis
+
+    wanted = getattr(redis.exceptions, error.__name__)
+    real = ledger._client.parse_response
+    seen: list[str] = []
+    sent: dict[str, str] = {}
+    real_send = ledger._client._send_command_parse_response
+
+    def send(conn: Any, command_name: str, *args: Any, **options: Any) -> Any:
+        op_arg = args[4] if len(args) > 4 else ""  # EVALSHA sha 1 key op ...
+        sent["op"] = op_arg.decode() if isinstance(op_arg, bytes) else str(op_arg)
+        return real_send(conn, command_name, *args, **options)
+
+    def parse(conn: Any, command_name: str, **options: Any) -> Any:
+        reply = real(conn, command_name, **options)
+        seen.append(sent.get("op", "?"))
+        if sent.get("op") == op and seen.count(op) == 1:
+            raise wanted("reply lost (simulated)")
+        return reply
+
+    monkeypatch.setattr(ledger._client, "_send_command_parse_response", send)
+    monkeypatch.setattr(ledger._client, "parse_response", parse)
+    return seen
+
+
+def test_a_settle_retried_after_a_lost_reply_says_applied_and_counts_once(
+    ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a settle ran but its reply was lost and redis-py sent it again (a dropped
+    connection), the retry recognizes its own earlier run: applied=True (so the guard's alerts
+    fire), spend counted and logged once. A second settle call of the id still says False."""
+    ln = make_line("user:a", tokens=100)
+    amt = amounts(30, 0, 0)
+    assert ledger.reserve("r", [ln], amt, now=T0, expires_at=T0 + TTL).ok
+    seen = _lose_replies(ledger, monkeypatch, "settle", ConnectionError)
+    result = ledger.settle("r", [ln], amt, usage_record("r", [ln], amt), now=T0)
+    assert seen == ["settle", "settle"]  # ran twice: the first reply was lost
+    assert result.applied is True
+    assert result.states == (LineState(spent=amt, held=ZERO),)
+    monkeypatch.undo()
+    again = ledger.settle("r", [ln], amt, usage_record("r", [ln], amt), now=T0)
+    assert again.applied is False
+    assert ledger.status([ln], now=T0) == (LineState(spent=amt, held=ZERO),)
+    assert len(ledger.records()) == 1
+
+
+async def test_an_async_reserve_whose_reply_was_lost_is_released_at_the_next_call(
+    ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The async twins do the same: an areserve that ran but timed out before its reply is
+    released by the next successful async call."""
+    import redis
+
+    ln = make_line("user:a", tokens=100)
+    client = ledger._async()
+    real = client.evalsha
+    calls: list[Any] = []
+
+    async def evalsha(*args: Any) -> Any:
+        reply = await real(*args)
+        calls.append(args[3])
+        if args[3] == "reserve" and len(calls) == 1:
+            raise redis.exceptions.TimeoutError("reply lost (simulated)")
+        return reply
+
+    monkeypatch.setattr(client, "evalsha", evalsha)
+    with pytest.raises(LedgerUnavailable):
+        await ledger.areserve("lost", [ln], amounts(60, 0, 0), now=T0, expires_at=T0 + TTL)
+    assert ledger.status([ln], now=T0)[0].held[TOKENS] == 60  # sync: not yet cleaned
+    await ledger.astatus([ln], now=T0)
+    assert (await ledger.astatus([ln], now=T0))[0].held == ZERO
+    await ledger.aclose()
+
+
+def test_a_sum_a_script_cannot_return_as_int64_is_a_ledger_error_writing_nothing(
+    ledger: RedisLedger, redis_prefix: str, client: Any
+) -> None:
+    """A line whose stored sum passed 2**63 (more than the client lets one call add) makes
+    status, reserve and settle fail with LedgerError "amount out of range" (a C cast would
+    have wrapped it to a negative number), before the reserve or settle writes anything."""
+    import struct
+
+    ln = make_line("user:a", "total")
+    amt = amounts(1, 0, 0)
+    ledger.settle("s0", [ln], amt, usage_record("s0", [ln], amt), now=T0)
+    key = f"{{tb:{redis_prefix}}}:l:{ln.key}"
+    client.hset(key, "C", struct.pack("<7d", 0, 9.3e18, 1, 0, 0, 1, 1))
+    before = client.hgetall(key)
+    for op in (
+        lambda: ledger.status([ln], now=T0),
+        lambda: ledger.reserve("r1", [ln], amt, now=T0, expires_at=T0 + TTL),
+        lambda: ledger.settle("s1", [ln], amt, usage_record("s1", [ln], amt), now=T0),
+    ):
+        with pytest.raises(LedgerError, match=r"amount out of range: a sum of 9\.3e\+18") as err:
+            op()
+        assert not isinstance(err.value, LedgerUnavailable)
+    assert client.hgetall(key) == before
+    assert not client.exists(f"{{tb:{redis_prefix}}}:s:s1", f"{{tb:{redis_prefix}}}:r:r1")
+    assert len(ledger.records()) == 1
+
+
+def test_amounts_past_2_53_are_refused_before_they_reach_the_script(ledger: RedisLedger) -> None:
+    """The script adds doubles, exact up to 2**53: a larger amount is a LedgerError raised
+    before anything is sent (not a silently rounded counter)."""
+    ln = make_line("user:a", "total")
+    with pytest.raises(LedgerError, match="amount out of range"):
+        ledger.reserve("r", [ln], amounts(2**53 + 1, 0, 0), now=T0, expires_at=T0 + TTL)
+    assert ledger.reserve("r", [ln], amounts(2**53 - 1, 0, 0), now=T0, expires_at=T0 + TTL).ok

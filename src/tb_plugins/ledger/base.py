@@ -17,19 +17,31 @@ clock and shared ledgers can follow the server's clock through :meth:`Ledger.ser
 
 Amount vectors are six integers (see :mod:`tb_plugins.core.usage`). Storage keys come from
 :func:`line_key`, which escapes scope names so no scope can reach another's keys.
+
+**Hostile input.** A ledger checks what it is given before it writes anything, so that bad
+input is a plain :class:`~tb_plugins.errors.LedgerError` (the guard never admits a call on it)
+and never a :class:`~tb_plugins.errors.LedgerUnavailable` (which ``fail_open`` would admit
+unchecked): :func:`check_amounts` refuses an amount that is not a whole number from 0 to the
+backend's maximum (64-bit storage: ``2**63 - 1``), and :func:`check_texts` a name that is not
+valid Unicode text (a lone surrogate such as ``"\\ud800"`` cannot be stored as UTF-8). Any other
+text is stored and reported exactly, NUL and other control characters included. Only a real
+connection failure (refused, reset, timed out, locked, missing file) is ``LedgerUnavailable``.
 """
 
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
 from urllib.parse import quote
 
-from tb_plugins.core.usage import Amounts, Limits, UsageRecord, UsageRow
+from tb_plugins.core.usage import UNITS, Amounts, Limits, UsageRecord, UsageRow
+from tb_plugins.errors import LedgerError
 
 __all__ = [
+    "MAX_AMOUNT",
     "GroupBy",
     "Ledger",
     "LineState",
@@ -40,6 +52,9 @@ __all__ = [
 ]
 
 GroupBy = Literal["scope", "model", "day"]
+
+MAX_AMOUNT = 2**63 - 1
+"""The largest amount a 64-bit counter holds (SQLite and PostgreSQL store signed int64)."""
 
 
 _P = ParamSpec("_P")
@@ -95,6 +110,115 @@ def usage_rows(rows: Iterable[Sequence[Any]]) -> list[UsageRow]:
         for r in rows
     ]
     return sorted(out, key=lambda row: row.key)
+
+
+_INT = frozenset({int})  # the one type an amount may have (not bool, not float)
+
+
+def out_of_range(what: str, detail: object) -> LedgerError:
+    """The error of a value a ledger cannot store: ``amount out of range: ...``."""
+    return LedgerError(f"amount out of range: {what}: {detail}")
+
+
+def check_amounts(values: Sequence[int], maximum: int = MAX_AMOUNT) -> None:
+    """Refuse, before anything is written, an amount vector a ledger cannot store exactly.
+
+    Raises:
+        LedgerError: ``amount out of range: ...``, naming the unit, when an amount is not a
+            whole number from 0 to ``maximum`` (or the vector is not six of them).
+
+    Example:
+        >>> check_amounts((10, 10, 0, 0, 1, 1))  # fine: returns None
+    """
+    fine = len(values) == 6 and _INT.issuperset(map(type, values))
+    if fine and min(values) >= 0 and max(values) <= maximum:
+        return
+    if len(values) != 6:
+        raise out_of_range("amounts", f"{len(values)} values, not 6 ({', '.join(UNITS)})")
+    for unit, v in zip(UNITS, values, strict=True):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise out_of_range(unit, f"{v!r} is not a whole number")
+        if not 0 <= v <= maximum:
+            raise out_of_range(unit, f"{v} is not between 0 and {maximum}")
+
+
+def check_record_amounts(record: UsageRecord, maximum: int = MAX_AMOUNT) -> None:
+    """Refuse a usage record whose token counts a ledger cannot store (see
+    :func:`check_amounts`)."""
+    values = (record.input_tokens, record.output_tokens, record.cached_input_tokens)
+    if _INT.issuperset(map(type, values)) and min(values) >= 0 and max(values) <= maximum:
+        return
+    for name, v in zip(("input_tokens", "output_tokens", "cached_input_tokens"), values,
+                       strict=True):  # fmt: skip
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= maximum:
+            raise out_of_range(f"usage record {name}", f"{v!r} (must be 0 to {maximum})")
+
+
+def valid_text(value: object) -> bool:
+    """Whether ``value`` is a str every backend can store: encodable as UTF-8 (no lone
+    surrogate). NUL and other control characters are fine."""
+    if type(value) is str and value.isascii():  # O(1) in CPython: the common case
+        return True
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def json_text(value: Any, *, compact: bool = False) -> str:
+    """``value`` as JSON (``default=str``), non-ASCII kept as is, except that a string holding
+    a lone surrogate is written with ``\\u`` escapes (which read back exactly) instead of
+    failing to encode."""
+    separators = (",", ":") if compact else None
+    text = json.dumps(value, ensure_ascii=False, separators=separators, default=str)
+    if valid_text(text):
+        return text
+    return json.dumps(value, separators=separators, default=str)
+
+
+def check_text(what: str, value: object) -> None:
+    """Refuse a name (scope, model, reservation id, ...) that is not storable text.
+
+    Raises:
+        LedgerError: ``value`` is not a str, or holds a lone surrogate (e.g. ``"m\\ud800"``,
+            which UTF-8 cannot encode); the message shows it escaped.
+    """
+    if valid_text(value):
+        return
+    if not isinstance(value, str):
+        raise LedgerError(f"{what} must be text, got {type(value).__name__} {value!r}")
+    shown = value if len(value) <= 200 else value[:200] + "..."
+    raise LedgerError(
+        f"{what} {shown!a} is not valid text: it contains a lone surrogate, which no "
+        f"ledger can store (refused before anything was written)"
+    )
+
+
+def check_texts(
+    reservation_id: str | None = None,
+    lines: Sequence[Line] = (),
+    record: UsageRecord | None = None,
+) -> None:
+    """:func:`check_text` on every name a reserve, settle or log writes: the reservation id,
+    each line's scope and key, and the record's id, scopes, models and action."""
+    if reservation_id is not None:
+        check_text("reservation id", reservation_id)
+    for ln in lines:
+        if not (valid_text(ln.scope) and valid_text(ln.key)):
+            check_text("scope name", ln.scope)
+            check_text("line key", ln.key)
+    if record is not None:
+        if record.reservation_id is not None:
+            check_text("usage record reservation id", record.reservation_id)
+        for scope in record.scopes:
+            check_text("scope name", scope)
+        for what, text in (("model", record.model), ("requested model", record.requested_model)):
+            if text is not None:
+                check_text(f"{what} name", text)
+        check_text("usage record action", record.action)
 
 
 def line_key(scope: str, window: str) -> str:

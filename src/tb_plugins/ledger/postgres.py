@@ -57,7 +57,21 @@ terminated) is dropped and the call retried at once on another. After a wait for
 timed out, calls fail at once for the next second instead of each waiting again. Unreachable,
 late or cancelled calls raise :class:`~tb_plugins.errors.LedgerUnavailable` naming
 ``host:port`` (never the password); other database errors raise
-:class:`~tb_plugins.errors.LedgerError`.
+:class:`~tb_plugins.errors.LedgerError`, and so does anything the ledger cannot store (an
+amount or sum past ``2**63 - 1``: ``amount out of range``), refused before anything is
+written.
+
+A call whose reply was lost may still have committed. A reserve (or release) whose connection
+broke or was cut by the watchdog is remembered, and its hold is released right after the
+ledger's next successful call (one more round trip then, and only then), so no phantom hold
+outlives an outage by more than a call; settling or releasing that id later is harmless. A
+settle retried on a new connection carries the same random token as its first run, kept in the
+usage log: if that run committed, the retry still answers ``applied``, while a second
+``settle`` call of the id answers ``applied=False`` and charges nothing.
+
+**Names.** Scope names are stored percent-escaped and found by hash, so every character
+survives. Text columns cannot hold NUL, so the reservation id, model names and action keep it
+as U+FDD0 ``"0"`` (a noncharacter, itself doubled), read back exactly.
 
 Example:
     >>> from tb_plugins import ledger_from_url
@@ -71,6 +85,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -94,15 +109,21 @@ from tb_plugins.ledger.base import (
     LineState,
     ReserveResult,
     SettleResult,
+    check_amounts,
+    check_record_amounts,
+    check_text,
+    check_texts,
     distinct_lines,
+    out_of_range,
     usage_rows,
 )
 
 __all__ = ["SCHEMA_SQL", "SCHEMA_VERSION", "PostgresLedger"]
 
 T = TypeVar("T")
+logger = logging.getLogger("tb_plugins")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_SQL: str = (
     resources.files("tb_plugins.ledger").joinpath("postgres_schema.sql").read_text("utf-8")
 )
@@ -117,6 +138,8 @@ WATCHDOG_FACTOR = 1.5  # a call is cut after this many ledger timeouts (see _Wat
 _OPTIONS = ("schema", "timeout", "pool_min", "pool_max", "synchronous_commit")
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _SYNCHRONOUS_COMMIT = ("on", "off", "local", "remote_write", "remote_apply")
+ORPHANS_MAX = 10_000  # reservation ids kept for a later release (see PostgresLedger._orphan)
+ORPHANS_BATCH = 500  # ids released per round trip
 
 # -- the hot path: constant SQL (each a call of a function of postgres_schema.sql) ---------------
 
@@ -134,11 +157,12 @@ _RECORD_ARGS = (
 )
 _SETTLE = (
     "SELECT array_send(tb_settle2(%b::bytea, %b::bytea[], %b::int8[], %b::int8[], "
-    f"%b::float8[], %b::int8[], %b::float8, %b::int4[], {_RECORD_ARGS}))"
+    f"%b::float8[], %b::int8[], %b::float8, %b::int4[], {_RECORD_ARGS}, %b::bytea))"
 )
 _ADD_LINES = "SELECT tb_add_lines(%b::bytea[], %b::text[])"
 _LOG = f"SELECT tb_log(NULL::bytea, {_RECORD_ARGS})"
 _RELEASE = "SELECT tb_release2(%b::bytea, %b::float8)"
+_FORGET = "SELECT tb_release2(h, %b::float8) FROM unnest(%b::bytea[]) AS t(h)"
 _STATUS = (
     "SELECT array_send(tb_states2(%b::bytea[], %b::int8[], %b::int8[], %b::float8, %b::int4[]))"
 )
@@ -365,6 +389,27 @@ def _adapters(pg: Any) -> Any:
     return _ADAPTERS[0]
 
 
+# PostgreSQL text cannot hold NUL. The names the usage log keeps as text (reservation id,
+# models, action; alert keys) escape it with U+FDD0, a noncharacter (reserved for internal use):
+# NUL -> U+FDD0 "0", U+FDD0 -> U+FDD0 U+FDD0. Names without either are stored as they are.
+_ESC = "\ufdd0"
+_UNESCAPE = re.compile(_ESC + "(.)", re.DOTALL)
+
+
+def _to_text(value: str | None) -> str | None:
+    """``value`` as PostgreSQL text can hold it (see ``_ESC``)."""
+    if value is None or ("\x00" not in value and _ESC not in value):
+        return value
+    return value.replace(_ESC, _ESC + _ESC).replace("\x00", _ESC + "0")
+
+
+def _from_text(value: Any) -> Any:
+    """The name :func:`_to_text` stored (a column's value: text or NULL)."""
+    if value is None or _ESC not in value:
+        return value
+    return _UNESCAPE.sub(lambda m: "\x00" if m[1] == "0" else _ESC if m[1] == _ESC else m[0], value)
+
+
 def _sha(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
@@ -410,12 +455,15 @@ def _scope_args(scopes: tuple[str, ...]) -> tuple[str, _ByteaArray, _TextArray]:
 
 
 def _record_args(r: UsageRecord) -> tuple[Any, ...]:
+    check_record_amounts(r)
+    check_texts(record=r)
     path = tuple(r.scopes)
     short = sum(map(len, path)) <= 1024  # cache only what bounds the cache's memory
     scopes, hashes, escaped = (_scope_args if short else _scope_args.__wrapped__)(path)
     extra = json.dumps(r.extra, default=str) if r.extra else "{}"
     return (
-        float(r.ts), r.reservation_id, scopes, r.model, r.requested_model, r.action,
+        float(r.ts), _to_text(r.reservation_id), scopes, _to_text(r.model),
+        _to_text(r.requested_model), _to_text(r.action),
         int(r.input_tokens), int(r.output_tokens), int(r.cached_input_tokens), float(r.usd),
         bool(r.priced), bool(r.estimated), extra, hashes, escaped,
     )  # fmt: skip
@@ -441,11 +489,11 @@ def _watched(
 def _record(row: Sequence[Any]) -> UsageRecord:
     return UsageRecord(
         ts=float(row[0]),
-        reservation_id=row[1],
+        reservation_id=_from_text(row[1]),
         scopes=tuple(json.loads(row[2])),
-        model=row[3],
-        requested_model=row[4],
-        action=row[5],
+        model=_from_text(row[3]),
+        requested_model=_from_text(row[4]),
+        action=_from_text(row[5]),
         input_tokens=int(row[6]),
         output_tokens=int(row[7]),
         cached_input_tokens=int(row[8]),
@@ -459,6 +507,8 @@ def _record(row: Sequence[Any]) -> UsageRecord:
 def _usage_rows(rows: Sequence[Sequence[Any]], group_by: GroupBy) -> list[UsageRow]:
     if group_by == "scope":  # scope names are stored percent-escaped
         return usage_rows((unquote(str(r[0])), *r[1:]) for r in rows)
+    if group_by == "model":
+        return usage_rows((_from_text(r[0]), *r[1:]) for r in rows)
     return usage_rows(rows)
 
 
@@ -560,6 +610,10 @@ class PostgresLedger(Ledger):
         self._ready = False
         self._next_prune = 0.0
         self._down_until = 0.0
+        # Reservation ids whose reserve (or release) got no reply: it may have committed all
+        # the same, so their holds are released at the next successful call (see _orphan).
+        self._orphans: dict[str, None] = {}
+        self._orphans_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresLedger:
@@ -690,6 +744,12 @@ class PostgresLedger(Ledger):
             )
         if isinstance(exc, pg.OperationalError | OSError):
             return LedgerUnavailable(f"PostgreSQL ledger at {self.where} is unreachable: {exc}")
+        if isinstance(exc, pg.errors.NumericValueOutOfRange | OverflowError | struct.error):
+            # A sum past 2**63 - 1 (int8pl), or a value no int8 holds: refused, never an outage.
+            return LedgerError(
+                f"PostgreSQL ledger at {self.where}: amount out of range: {exc}; "
+                f"nothing was written"
+            )
         return LedgerError(f"PostgreSQL ledger at {self.where}: {type(exc).__name__}: {exc}")
 
     def _retryable(self, exc: BaseException, conn: Any) -> bool:
@@ -706,11 +766,12 @@ class PostgresLedger(Ledger):
             f"{self.timeout * WATCHDOG_FACTOR:g}s; the connection was closed ({exc})"
         )
 
-    def _run(self, fn: Callable[[Any], T]) -> T:
+    def _run(self, fn: Callable[[Any], T], *, cleanup: bool = True) -> T:
         """Run ``fn(connection)`` (autocommit: each statement its own transaction).
 
         A broken pooled connection is dropped and the call retried on another one (at most
         ``pool_max`` times, each failing at once); a call that outlives its deadline is not.
+        After a success, the holds of orphaned reservations are released (``cleanup``).
         """
         self._check_breaker()
         for attempt in range(self.pool_max + 1):
@@ -727,6 +788,8 @@ class PostgresLedger(Ledger):
                     finally:
                         late = _WATCHDOG.disarm(token)
                 self._down_until = 0.0
+                if cleanup and self._orphans:
+                    self._release_orphans()
                 return result
             except self._pg.Error as exc:
                 if late:
@@ -734,11 +797,11 @@ class PostgresLedger(Ledger):
                 if attempt < self.pool_max and self._retryable(exc, conn):
                     continue
                 raise self._wrap(exc) from exc
-            except OSError as exc:
+            except (OSError, OverflowError, struct.error) as exc:
                 raise self._wrap(exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _arun(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+    async def _arun(self, fn: Callable[[Any], Awaitable[T]], *, cleanup: bool = True) -> T:
         """Async :meth:`_run`."""
         self._check_breaker()
         for attempt in range(self.pool_max + 1):
@@ -755,6 +818,8 @@ class PostgresLedger(Ledger):
                     finally:
                         late = _WATCHDOG.disarm(token)
                 self._down_until = 0.0
+                if cleanup and self._orphans:
+                    await self._arelease_orphans()
                 return result
             except self._pg.Error as exc:
                 if late:
@@ -762,9 +827,78 @@ class PostgresLedger(Ledger):
                 if attempt < self.pool_max and self._retryable(exc, conn):
                     continue
                 raise self._wrap(exc) from exc
-            except OSError as exc:
+            except (OSError, OverflowError, struct.error) as exc:
                 raise self._wrap(exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- reservations whose reply was lost ---------------------------------------------------
+
+    def _orphan(self, reservation_id: str, exc: LedgerUnavailable) -> None:
+        """Remember ``reservation_id`` when its reserve (or release) failed after the statement
+        may have reached the server and committed (the connection broke or was cut by the
+        watchdog before the reply came). Not when nothing was sent (no connection, the
+        breaker) or the server cancelled it (``statement_timeout`` rolls back). A reserve that
+        commits unseen would hold until its TTL; the next successful call releases it instead
+        (:meth:`_release_orphans`)."""
+        cause = exc.__cause__
+        not_sent = self._pg_pool.PoolTimeout | self._pg.errors.QueryCanceled
+        if cause is None or isinstance(cause, not_sent):
+            return
+        with self._orphans_lock:
+            self._orphans[reservation_id] = None
+            while len(self._orphans) > ORPHANS_MAX:  # the oldest expire by their TTL anyway
+                del self._orphans[next(iter(self._orphans))]
+
+    def _adopt(self, reservation_id: str) -> None:
+        """Forget ``reservation_id`` as an orphan: it is being reserved, settled or released
+        again, which replaces or drops its hold by itself."""
+        if self._orphans:
+            with self._orphans_lock:
+                self._orphans.pop(reservation_id, None)
+
+    def _orphan_batch(self) -> list[str]:
+        with self._orphans_lock:
+            batch = list(self._orphans)[:ORPHANS_BATCH]
+            for rid in batch:
+                del self._orphans[rid]
+        return batch
+
+    def _orphans_back(self, batch: Sequence[str], exc: BaseException) -> None:
+        with self._orphans_lock:
+            for rid in batch:
+                self._orphans.setdefault(rid, None)
+        logger.warning("tb_plugins: PostgreSQL ledger at %s: releasing %d reservation(s) that "
+                       "may have landed unseen failed (retried later): %s",
+                       self.where, len(batch), exc)  # fmt: skip
+
+    def _forget_args(self, batch: Sequence[str]) -> tuple[Any, ...]:
+        return time.time(), _array(_ByteaArray, 17, [_sha(rid) for rid in batch])
+
+    def _release_orphans(self) -> None:
+        """Release (best effort, one round trip) the holds of up to ``ORPHANS_BATCH`` orphans;
+        runs after a successful call, so no phantom hold outlives an outage by more than one
+        call. A later settle or release of such an id still works (it finds no hold)."""
+        batch = self._orphan_batch()
+        if batch:
+            args = self._forget_args(batch)
+            try:
+                self._run(lambda conn: conn.execute(_FORGET, args).fetchall(), cleanup=False)
+            except LedgerError as exc:
+                self._orphans_back(batch, exc)
+
+    async def _arelease_orphans(self) -> None:
+        """Async :meth:`_release_orphans`."""
+        batch = self._orphan_batch()
+        if batch:
+            args = self._forget_args(batch)
+
+            async def run(conn: Any) -> None:
+                await (await conn.execute(_FORGET, args)).fetchall()
+
+            try:
+                await self._arun(run, cleanup=False)
+            except LedgerError as exc:
+                self._orphans_back(batch, exc)
 
     def _deadline(self) -> float:
         """Seconds a call may take before its connection is closed under it: past the
@@ -867,10 +1001,15 @@ class PostgresLedger(Ledger):
     def _reserve_args(
         reservation_id: str, lines: Sequence[Line], amounts: Amounts, now: float, expires: float
     ) -> tuple[Any, ...]:
+        check_amounts(amounts)
+        check_texts(reservation_id, lines)
         limits = [-1 if lim is None else lim for ln in lines for lim in ln.limits]
-        return (_sha(reservation_id), _hashes(lines), _int8s([ln.bucket for ln in lines]),
-                _int8s([ln.lowest_bucket for ln in lines]), _int8s(limits, (len(lines), 6)),
-                _int8s(amounts), float(now), float(expires))  # fmt: skip
+        try:
+            return (_sha(reservation_id), _hashes(lines), _int8s([ln.bucket for ln in lines]),
+                    _int8s([ln.lowest_bucket for ln in lines]), _int8s(limits, (len(lines), 6)),
+                    _int8s(amounts), float(now), float(expires))  # fmt: skip
+        except (struct.error, OverflowError, TypeError) as exc:
+            raise out_of_range("a limit or bucket PostgreSQL cannot take", exc) from exc
 
     @staticmethod
     def _settle_args(
@@ -880,20 +1019,33 @@ class PostgresLedger(Ledger):
         record: UsageRecord,
         now: float,
         pick: Sequence[int],
+        token: bytes | None = None,
     ) -> tuple[Any, ...]:
-        expires = [None if ln.expires_at is None else _F64.pack(ln.expires_at) for ln in lines]
+        """The parameters of one settle call; ``token`` (random by default) names the call, so
+        that running it again after a lost reply still answers ``applied``."""
+        check_amounts(amounts)
+        check_texts(reservation_id, lines)
         watch = [_I32.pack(i + 1) for i in pick]
-        return (_sha(reservation_id), _hashes(lines), _int8s([ln.bucket for ln in lines]),
-                _int8s([ln.lowest_bucket for ln in lines]), _array(_Float8Array, 701, expires),
-                _int8s(amounts), float(now), _array(_Int4Array, 23, watch),
-                *_record_args(record))  # fmt: skip
+        try:
+            expires = [None if ln.expires_at is None else _F64.pack(ln.expires_at)
+                       for ln in lines]  # fmt: skip
+            return (_sha(reservation_id), _hashes(lines), _int8s([ln.bucket for ln in lines]),
+                    _int8s([ln.lowest_bucket for ln in lines]), _array(_Float8Array, 701, expires),
+                    _int8s(amounts), float(now), _array(_Int4Array, 23, watch),
+                    *_record_args(record), token or os.urandom(16))  # fmt: skip
+        except (struct.error, OverflowError, TypeError) as exc:
+            raise out_of_range("a bucket or expiry PostgreSQL cannot take", exc) from exc
 
     @staticmethod
     def _status_args(lines: Sequence[Line], now: float) -> tuple[Any, ...]:
+        check_texts(lines=lines)
         pick = [_I32.pack(i) for i in range(1, len(lines) + 1)]
-        return (_hashes(lines), _int8s([ln.lowest_bucket for ln in lines]),
-                _int8s([ln.bucket for ln in lines]), float(now),
-                _array(_Int4Array, 23, pick))  # fmt: skip
+        try:
+            return (_hashes(lines), _int8s([ln.lowest_bucket for ln in lines]),
+                    _int8s([ln.bucket for ln in lines]), float(now),
+                    _array(_Int4Array, 23, pick))  # fmt: skip
+        except (struct.error, OverflowError, TypeError) as exc:
+            raise out_of_range("a bucket PostgreSQL cannot take", exc) from exc
 
     def _write(self, sql: str, args: Sequence[Any], lines: Sequence[Line]) -> tuple[int, ...]:
         """Run tb_reserve2 or tb_settle2 and return its integers; when it answers that a line is
@@ -950,7 +1102,12 @@ class PostgresLedger(Ledger):
         """
         unique, index = distinct_lines(lines)
         args = self._reserve_args(reservation_id, unique, amounts, now, expires_at)
-        values = self._write(_RESERVE, args, unique)
+        self._adopt(reservation_id)
+        try:
+            values = self._write(_RESERVE, args, unique)
+        except LedgerUnavailable as exc:
+            self._orphan(reservation_id, exc)
+            raise
         return ReserveResult(ok=bool(values[0]), states=_states(values, 12, index))
 
     async def areserve(
@@ -965,7 +1122,12 @@ class PostgresLedger(Ledger):
         """Async :meth:`reserve`."""
         unique, index = distinct_lines(lines)
         args = self._reserve_args(reservation_id, unique, amounts, now, expires_at)
-        values = await self._awrite(_RESERVE, args, unique)
+        self._adopt(reservation_id)
+        try:
+            values = await self._awrite(_RESERVE, args, unique)
+        except LedgerUnavailable as exc:
+            self._orphan(reservation_id, exc)
+            raise
         return ReserveResult(ok=bool(values[0]), states=_states(values, 12, index))
 
     def settle(
@@ -982,10 +1144,14 @@ class PostgresLedger(Ledger):
 
         Only the ``watch`` lines (all when None) are read back; the others' states are None.
         Commits synchronously unless the ledger was opened with ``synchronous_commit=off``.
+        The call carries a random token: run again on a new connection after its reply was
+        lost, it finds the id settled with this same token and still answers
+        ``applied=True``; a second ``settle`` call of the id answers ``applied=False``.
         """
         unique, index = distinct_lines(lines)
         pick = _picked(index, watch)
         args = self._settle_args(reservation_id, unique, amounts, record, now, pick)
+        self._adopt(reservation_id)
         values = self._write(_SETTLE, args, unique)
         if self._prune_due(now):
             self.prune(now)
@@ -1005,6 +1171,7 @@ class PostgresLedger(Ledger):
         unique, index = distinct_lines(lines)
         pick = _picked(index, watch)
         args = self._settle_args(reservation_id, unique, amounts, record, now, pick)
+        self._adopt(reservation_id)
         values = await self._awrite(_SETTLE, args, unique)
         if self._prune_due(now):
             await self.aprune(now)
@@ -1012,11 +1179,23 @@ class PostgresLedger(Ledger):
 
     def release(self, reservation_id: str, *, now: float) -> bool:
         """Drop the hold; True if a live (unexpired) hold was removed."""
-        return bool(self._one(_RELEASE, (_sha(reservation_id), float(now))))
+        check_text("reservation id", reservation_id)
+        self._adopt(reservation_id)
+        try:
+            return bool(self._one(_RELEASE, (_sha(reservation_id), float(now))))
+        except LedgerUnavailable as exc:
+            self._orphan(reservation_id, exc)
+            raise
 
     async def arelease(self, reservation_id: str, *, now: float) -> bool:
         """Async :meth:`release`."""
-        return bool(await self._aone(_RELEASE, (_sha(reservation_id), float(now))))
+        check_text("reservation id", reservation_id)
+        self._adopt(reservation_id)
+        try:
+            return bool(await self._aone(_RELEASE, (_sha(reservation_id), float(now))))
+        except LedgerUnavailable as exc:
+            self._orphan(reservation_id, exc)
+            raise
 
     def status(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
         """Spent and held per line, read in one snapshot (expired holds do not count)."""
@@ -1058,12 +1237,15 @@ class PostgresLedger(Ledger):
 
     def claim_alert(self, alert_key: str, *, expires_at: float | None) -> bool:
         """True for the first claim of ``alert_key``; the claim is pruned once long expired."""
-        return self._one(_CLAIM_ALERT, (_sha(alert_key), alert_key, expires_at)) is not None
+        check_text("alert key", alert_key)
+        args = (_sha(alert_key), _to_text(alert_key), expires_at)
+        return self._one(_CLAIM_ALERT, args) is not None
 
     async def aclaim_alert(self, alert_key: str, *, expires_at: float | None) -> bool:
         """Async :meth:`claim_alert`."""
-        won = await self._aone(_CLAIM_ALERT, (_sha(alert_key), alert_key, expires_at))
-        return won is not None
+        check_text("alert key", alert_key)
+        args = (_sha(alert_key), _to_text(alert_key), expires_at)
+        return await self._aone(_CLAIM_ALERT, args) is not None
 
     def append_usage(self, record: UsageRecord) -> None:
         """Log a record with no spend (a refused call); it is never taken as a settle."""
@@ -1110,6 +1292,8 @@ class PostgresLedger(Ledger):
     def _usage_params(
         since: float | None, until: float | None, scope: str | None
     ) -> dict[str, Any]:
+        if scope is not None:
+            check_text("scope name", scope)
         scope_hash = None if scope is None else _sha(quote(scope, safe=""))
         return {"since": since, "until": until, "scope": scope_hash}
 

@@ -1,4 +1,4 @@
--- The PostgreSQL ledger of tb_plugins, schema version 2.
+-- The PostgreSQL ledger of tb_plugins, schema version 3.
 --
 -- Run (by tb_plugins.ledger.postgres, under an advisory lock, once per database and schema, and
 -- again to upgrade a schema of an older version) with search_path set to the ledger's schema:
@@ -35,6 +35,13 @@
 -- loop, sum with tb_sum instead of numeric sums, return 2-D arrays, and a settle reads back
 -- only the lines it is asked to watch. Version 1's functions are left in place by the upgrade,
 -- so processes still running the older code keep working until they restart.
+--
+-- Version 2 -> 3: the usage log keeps the token of the settle call that wrote each settled
+-- record (usage.settle_token), and tb_settle2 gains an overload taking that token: a settle
+-- run again because its reply was lost (the client retried on a new connection) finds its
+-- own token and still answers "applied", while a second settle call of the id does not. The
+-- overload keeps the name tb_settle2 (one more argument), so per-function statistics still
+-- find the hot path under one name; the older tb_settle2 and tb_log stay for older processes.
 
 CREATE TABLE IF NOT EXISTS meta (
     key   text PRIMARY KEY,
@@ -105,6 +112,8 @@ CREATE TABLE IF NOT EXISTS usage (
     extra               text NOT NULL   -- JSON object, ASCII-escaped
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
+-- The random token of the settle call that wrote a settled record (version 3; NULL before).
+ALTER TABLE usage ADD COLUMN IF NOT EXISTS settle_token bytea;
 
 -- One row per scope of a usage record, for grouping and filtering by scope.
 CREATE TABLE IF NOT EXISTS usage_scopes (
@@ -250,10 +259,38 @@ BEGIN
 END
 $$;
 
+-- tb_log that also keeps p_token, the token of the settle call logging the record.
+CREATE OR REPLACE FUNCTION tb_log(
+    p_settled_hash bytea, p_ts double precision, p_rid text, p_scopes text, p_model text,
+    p_requested_model text, p_action text, p_input bigint, p_output bigint, p_cached bigint,
+    p_usd double precision, p_priced boolean, p_estimated boolean, p_extra text,
+    p_scope_hashes bytea[], p_scope_names text[], p_token bytea
+) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    uid bigint;
+BEGIN
+    WITH u AS (
+        INSERT INTO usage (settled_hash, settle_token, ts, reservation_id, scopes, model,
+                           requested_model, action, input_tokens, output_tokens,
+                           cached_input_tokens, usd, priced, estimated, extra)
+        VALUES (p_settled_hash, p_token, p_ts, p_rid, p_scopes, p_model, p_requested_model,
+                p_action, p_input, p_output, p_cached, p_usd, p_priced, p_estimated, p_extra)
+            ON CONFLICT (settled_hash) DO NOTHING
+        RETURNING id
+    ), s AS (
+        INSERT INTO usage_scopes (usage_id, scope_hash, scope)
+        SELECT u.id, t.h, t.s FROM u, unnest(p_scope_hashes, p_scope_names) AS t(h, s)
+    )
+    SELECT id INTO uid FROM u;
+    RETURN uid;
+END
+$$;
+
 -- Replace the hold of p_rid_hash by p_amounts on every line (p_hashes distinct) and log the
--- record (with tb_log), once per id: the log entry comes first, so a second settle of the
--- id waits for the first on the unique index, then changes nothing. Returns a 2-D array: the
--- row [applied, 0 x 11], then the states after settling of the lines p_watch names (from
+-- record (with tb_log, keeping p_token, the settle call's random token), once per id: the log
+-- entry comes first, so a second settle of the id waits for the first on the unique index,
+-- then changes nothing (and answers applied only if it carries the same token: the same call,
+-- run again after its reply was lost). Returns a 2-D array: the row [applied, 0 x 11], then the states after settling of the lines p_watch names (from
 -- tb_states2); or {{-1}} when a line must be added first (see tb_add_lines; nothing was
 -- written). Takes no line lock (see the top of this file); the counter rows are
 -- locked in key_hash order.
@@ -263,11 +300,12 @@ CREATE OR REPLACE FUNCTION tb_settle2(
     p_ts double precision, p_rid text, p_scopes text, p_model text, p_requested_model text,
     p_action text, p_input bigint, p_output bigint, p_cached bigint, p_usd double precision,
     p_priced boolean, p_estimated boolean, p_extra text,
-    p_scope_hashes bytea[], p_scope_names text[]
+    p_scope_hashes bytea[], p_scope_names text[], p_token bytea
 ) RETURNS bigint[] LANGUAGE plpgsql AS $$
 DECLARE
     found int;
     uid bigint;
+    mine boolean;
     head bigint[];
     st bigint[];
 BEGIN
@@ -278,9 +316,14 @@ BEGIN
     END IF;
     uid := tb_log(p_rid_hash, p_ts, p_rid, p_scopes, p_model, p_requested_model, p_action,
                   p_input, p_output, p_cached, p_usd, p_priced, p_estimated, p_extra,
-                  p_scope_hashes, p_scope_names);
+                  p_scope_hashes, p_scope_names, p_token);
     IF uid IS NULL THEN
-        head := '{{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}}';
+        -- Settled before: by this very call (run again after its reply was lost) it still
+        -- counts as applied; by another call, not. Nothing changes either way.
+        SELECT coalesce(u.settle_token = p_token, false) INTO mine
+          FROM usage AS u WHERE u.settled_hash = p_rid_hash;
+        head := CASE WHEN mine THEN '{{1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}}'::bigint[]
+                     ELSE '{{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}}'::bigint[] END;
     ELSE
         head := '{{1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}}';
         DELETE FROM holds WHERE rid_hash = p_rid_hash;
@@ -366,4 +409,4 @@ BEGIN
 END
 $$;
 
-INSERT INTO meta (key, value) VALUES ('schema_version', '2') ON CONFLICT (key) DO NOTHING;
+INSERT INTO meta (key, value) VALUES ('schema_version', '3') ON CONFLICT (key) DO NOTHING;

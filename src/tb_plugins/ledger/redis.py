@@ -44,14 +44,25 @@ clocks agree on window boundaries.
 ``socket_timeout``). A dropped connection is retried once at once (a pooled connection that a
 restart or ``CLIENT KILL`` closed); a timeout is never retried. Connection errors and timeouts
 raise :class:`~tb_plugins.errors.LedgerUnavailable` naming ``host:port`` (never the password);
-other Redis errors raise :class:`~tb_plugins.errors.LedgerError`.
+other Redis errors raise :class:`~tb_plugins.errors.LedgerError`, and so does anything the
+ledger cannot store: an amount above ``2**53`` (the script adds doubles, exact to there) or a
+sum an int64 cannot return (``amount out of range``), refused before anything is written.
+
+A call whose reply was lost may still have run. A reserve (or release) that times out or loses
+its connection is remembered, and its hold is released right after the ledger's next
+successful call (one more round trip then, and only then), so no phantom hold outlives an
+outage by more than a call; settling or releasing that id later is harmless. A settle sent
+again by the retry above carries the same random token as its first run: if that run went
+through, the script recognizes it and still answers ``applied``, while a second ``settle``
+call of the id answers ``applied=False`` and charges nothing.
 
 Keys (``P`` is ``{tb:<prefix>}``; scope names appear only percent-escaped, see
 :func:`~tb_plugins.ledger.base.line_key`)::
 
     P:l:<line>            one hash per line: settled spend per bucket, the held counter,
                           each live hold (expires a day after the line's newest bucket)
-    P:r:<id>, P:s:<id>    the lines a reservation holds on; the mark of a settled id
+    P:r:<id>, P:s:<id>    the lines a reservation holds on; the mark (the settle call's
+                          token) of a settled id
     P:lines               every line with spend (for ``tb status``)
     P:log:<day>, P:logdays, P:seq  the usage log, one sorted set per UTC day
     P:a:<alert>           alerts already claimed
@@ -67,13 +78,15 @@ import asyncio
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import struct
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -90,8 +103,14 @@ from tb_plugins.ledger.base import (
     LineState,
     ReserveResult,
     SettleResult,
+    check_amounts,
+    check_record_amounts,
+    check_text,
+    check_texts,
     distinct_lines,
     distinct_watch,
+    json_text,
+    out_of_range,
     spread,
     usage_rows,
 )
@@ -103,6 +122,7 @@ if TYPE_CHECKING:
 __all__ = ["RedisLedger"]
 
 T = TypeVar("T")
+logger = logging.getLogger("tb_plugins")
 
 LUA: str = resources.files("tb_plugins.ledger").joinpath("lua/ledger.lua").read_text("utf-8")
 """The ledger's one Lua script; its first argument names the operation."""
@@ -114,6 +134,10 @@ DEFAULT_SETTLED_TTL = 7 * 86_400.0
 _OPTIONS = ("prefix", "timeout", "settled_ttl", "usage_ttl")
 _PREFIX = re.compile(r"[A-Za-z0-9_.~:-]{1,100}")
 _UNAVAILABLE_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY")
+MAX_AMOUNT = 2**53
+"""The largest amount the script adds exactly (its arithmetic is on doubles)."""
+ORPHANS_MAX = 10_000  # reservation ids kept for a later release (see RedisLedger._orphan)
+ORPHANS_BATCH = 500  # ids released per round trip
 
 
 def _num(value: float) -> str:
@@ -132,8 +156,15 @@ def _int64s(n: int) -> struct.Struct:
 
 
 def _pack(numbers: Sequence[float]) -> bytes:
-    """Numbers as the script reads them: little-endian doubles, one argument for all."""
-    return _doubles(len(numbers)).pack(*numbers)
+    """Numbers as the script reads them: little-endian doubles, one argument for all.
+
+    Raises:
+        LedgerError: a number no double holds (``amount out of range``).
+    """
+    try:
+        return _doubles(len(numbers)).pack(*numbers)
+    except (struct.error, OverflowError, TypeError) as exc:
+        raise out_of_range("a number for the Redis script", exc) from exc
 
 
 def _states(packed: bytes) -> tuple[LineState, ...]:
@@ -142,6 +173,11 @@ def _states(packed: bytes) -> tuple[LineState, ...]:
     return tuple(
         LineState(spent=v[i : i + 6], held=v[i + 6 : i + 12]) for i in range(0, len(v), 12)
     )
+
+
+def _token() -> str:
+    """A random token naming one settle call (see ``P:s:<rid>`` in ``lua/ledger.lua``)."""
+    return os.urandom(8).hex()
 
 
 def _watch_mask(n: int, watch: Sequence[int] | None) -> list[bool] | None:
@@ -201,11 +237,7 @@ def _encode_record(r: UsageRecord) -> str:
     """The record as a JSON object (what :func:`_decode_record` reads back), built from cached
     parts: only the numbers, the id and ``extra`` are encoded per call."""
     rid = "null" if r.reservation_id is None else _json_str(r.reservation_id)
-    extra = (
-        json.dumps(r.extra, ensure_ascii=False, separators=(",", ":"), default=str)
-        if r.extra
-        else "{}"
-    )
+    extra = json_text(r.extra, compact=True) if r.extra else "{}"
     path = tuple(r.scopes)
     head = _record_head if sum(map(len, path)) <= 1024 else _record_head.__wrapped__
     return (
@@ -320,6 +352,10 @@ class RedisLedger(Ledger):
         self._aclient: aredis_module.Redis | None = None
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._apid = os.getpid()
+        # Reservation ids whose reserve (or release) got no reply: it may have run all the
+        # same, so their holds are released at the next successful call (see _orphan).
+        self._orphans: dict[str, None] = {}
+        self._orphans_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisLedger:
@@ -410,36 +446,110 @@ class RedisLedger(Ledger):
             return LedgerUnavailable(f"Redis ledger at {self.where} is unreachable: {exc}")
         if isinstance(exc, errors.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES):
             return LedgerUnavailable(f"Redis ledger at {self.where} is not serving: {exc}")
-        return LedgerError(f"Redis ledger at {self.where}: {type(exc).__name__}: {exc}")
+        text = str(exc)
+        if "amount out of range" in text:  # the script refused a sum (see ints in ledger.lua)
+            detail = text[text.index("amount") :].split(" script: ")[0]
+            return LedgerError(f"Redis ledger at {self.where}: {detail}; nothing was written")
+        return LedgerError(f"Redis ledger at {self.where}: {type(exc).__name__}: {text}")
 
     def _call(self, fn: Callable[[], T]) -> T:
         try:
-            return fn()
+            result = fn()
         except (self._redis.RedisError, OSError) as exc:
             raise self._wrap(exc) from exc
+        if self._orphans:
+            self._release_orphans()
+        return result
+
+    async def _acall(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            result = await fn()
+        except (self._redis.RedisError, OSError) as exc:
+            raise self._wrap(exc) from exc
+        if self._orphans:
+            await self._arelease_orphans()
+        return result
+
+    def _script(self, key: str, args: Sequence[str | bytes]) -> Any:
+        """``EVALSHA`` of the script, or ``EVAL`` (which caches it) if the server lacks it."""
+        try:
+            return self._client.evalsha(self._sha, 1, key, *args)
+        except self._redis.exceptions.NoScriptError:
+            return self._client.eval(LUA, 1, key, *args)
+
+    async def _ascript(self, key: str, args: Sequence[str | bytes]) -> Any:
+        client = self._async()
+        try:
+            return await client.evalsha(self._sha, 1, key, *args)
+        except self._redis.exceptions.NoScriptError:
+            return await client.eval(LUA, 1, key, *args)
 
     def _eval(self, key: str, args: Sequence[str | bytes]) -> Any:
-        """Run the script: ``EVALSHA``, or ``EVAL`` (which caches it) if the server lacks it."""
-        no_script = self._redis.exceptions.NoScriptError
-
-        def run() -> Any:
-            try:
-                return self._client.evalsha(self._sha, 1, key, *args)
-            except no_script:
-                return self._client.eval(LUA, 1, key, *args)
-
-        return self._call(run)
+        """Run the script (one round trip, wrapped errors)."""
+        return self._call(lambda: self._script(key, args))
 
     async def _aeval(self, key: str, args: Sequence[str | bytes]) -> Any:
-        client = self._async()
-        no_script = self._redis.exceptions.NoScriptError
-        try:
+        return await self._acall(lambda: self._ascript(key, args))
+
+    # -- reservations whose reply was lost ---------------------------------------------------
+
+    def _orphan(self, reservation_id: str, exc: LedgerUnavailable) -> None:
+        """Remember ``reservation_id`` when its reserve (or release) failed after the command
+        may have reached the server (a timeout or a dropped connection: the reply was not
+        seen). A reserve that lands unseen would hold until its TTL; the next successful call
+        releases it instead (:meth:`_release_orphans`)."""
+        errors = self._redis.exceptions
+        if not isinstance(exc.__cause__, errors.TimeoutError | errors.ConnectionError | OSError):
+            return
+        with self._orphans_lock:
+            self._orphans[reservation_id] = None
+            while len(self._orphans) > ORPHANS_MAX:  # the oldest expire by their TTL anyway
+                del self._orphans[next(iter(self._orphans))]
+
+    def _adopt(self, reservation_id: str) -> None:
+        """Forget ``reservation_id`` as an orphan: it is being reserved, settled or released
+        again, which replaces or drops its hold by itself."""
+        if self._orphans:
+            with self._orphans_lock:
+                self._orphans.pop(reservation_id, None)
+
+    def _orphan_batch(self) -> list[str]:
+        with self._orphans_lock:
+            batch = list(self._orphans)[:ORPHANS_BATCH]
+            for rid in batch:
+                del self._orphans[rid]
+        return batch
+
+    def _orphans_back(self, batch: Sequence[str], exc: BaseException) -> None:
+        with self._orphans_lock:
+            for rid in batch:
+                self._orphans.setdefault(rid, None)
+        logger.warning("tb_plugins: Redis ledger at %s: releasing %d reservation(s) that may "
+                       "have landed unseen failed (retried later): %s",
+                       self.where, len(batch), exc)  # fmt: skip
+
+    def _forget_args(self, batch: Sequence[str]) -> list[str | bytes]:
+        return ["forget", self.key_prefix, _num(time.time()), *batch]
+
+    def _release_orphans(self) -> None:
+        """Release (best effort, one round trip) the holds of up to ``ORPHANS_BATCH`` orphans;
+        runs after a successful call, so no phantom hold outlives an outage by more than one
+        call. A later settle or release of such an id still works (it finds no hold)."""
+        batch = self._orphan_batch()
+        if batch:
             try:
-                return await client.evalsha(self._sha, 1, key, *args)
-            except no_script:
-                return await client.eval(LUA, 1, key, *args)
-        except (self._redis.RedisError, OSError) as exc:
-            raise self._wrap(exc) from exc
+                self._script(self._rkey(batch[0]), self._forget_args(batch))
+            except (self._redis.RedisError, OSError) as exc:
+                self._orphans_back(batch, exc)
+
+    async def _arelease_orphans(self) -> None:
+        """Async :meth:`_release_orphans`."""
+        batch = self._orphan_batch()
+        if batch:
+            try:
+                await self._ascript(self._rkey(batch[0]), self._forget_args(batch))
+            except (self._redis.RedisError, OSError) as exc:
+                self._orphans_back(batch, exc)
 
     # -- script arguments ----------------------------------------------------------------------
 
@@ -454,6 +564,8 @@ class RedisLedger(Ledger):
         now: float,
         expires_at: float,
     ) -> list[str | bytes]:
+        check_amounts(amounts, MAX_AMOUNT)
+        check_texts(reservation_id, lines)
         numbers: list[float] = [now, expires_at, *amounts]
         hold_ttl = _ttl(expires_at - now, HOLD_GRACE)
         for ln in lines:
@@ -473,7 +585,10 @@ class RedisLedger(Ledger):
         record: UsageRecord,
         now: float,
         watched: Sequence[bool] | None,
+        token: str,
     ) -> list[str | bytes]:
+        check_amounts(amounts, MAX_AMOUNT)
+        check_texts(reservation_id, lines, record)
         member, ts, day, start, log_ttl = self._log_args(record)
         numbers: list[float] = [now, self.settled_ttl, *amounts, log_ttl, start]
         for i, ln in enumerate(lines):
@@ -485,20 +600,23 @@ class RedisLedger(Ledger):
                 numbers += (ln.bucket, ln.span, ln.width, _ttl(exp - now, COUNTER_GRACE),
                             exp + COUNTER_GRACE, read)  # fmt: skip
         return ["settle", self.key_prefix, reservation_id, _pack(numbers), member, ts, day,
-                *[ln.key for ln in lines]]  # fmt: skip
+                token, *[ln.key for ln in lines]]  # fmt: skip
 
     def _log_args(self, record: UsageRecord) -> tuple[str, str, str, int, float]:
         """The record's JSON, its ts (as text), its UTC day, the day's start, and how long to
         keep that day (-1: forever)."""
+        check_record_amounts(record)
         day, start = _day(record.ts)
         ttl = -1 if self.usage_ttl is None else _ttl(start + 86_400 - record.ts, self.usage_ttl)
         return _encode_record(record), _num(record.ts), day, start, ttl
 
     def _append_args(self, record: UsageRecord) -> list[str | bytes]:
+        check_texts(record=record)
         member, ts, day, start, ttl = self._log_args(record)
         return ["log", self.key_prefix, member, ts, day, str(start), str(ttl)]
 
     def _status_args(self, lines: Sequence[Line], now: float) -> list[str | bytes]:
+        check_texts(lines=lines)
         numbers: list[float] = [now]
         for ln in lines:
             numbers += [ln.bucket, ln.span, ln.width]
@@ -531,7 +649,12 @@ class RedisLedger(Ledger):
         """
         unique, index = distinct_lines(lines)  # a line given twice holds once
         args = self._reserve_args(reservation_id, unique, amounts, now, expires_at)
-        reply = self._eval(self._rkey(reservation_id), args)
+        self._adopt(reservation_id)
+        try:
+            reply = self._eval(self._rkey(reservation_id), args)
+        except LedgerUnavailable as exc:
+            self._orphan(reservation_id, exc)
+            raise
         return ReserveResult(ok=bool(reply[0]), states=spread(_states(reply[1]), index))
 
     async def areserve(
@@ -546,7 +669,12 @@ class RedisLedger(Ledger):
         """Async :meth:`reserve`."""
         unique, index = distinct_lines(lines)
         args = self._reserve_args(reservation_id, unique, amounts, now, expires_at)
-        reply = await self._aeval(self._rkey(reservation_id), args)
+        self._adopt(reservation_id)
+        try:
+            reply = await self._aeval(self._rkey(reservation_id), args)
+        except LedgerUnavailable as exc:
+            self._orphan(reservation_id, exc)
+            raise
         return ReserveResult(ok=bool(reply[0]), states=spread(_states(reply[1]), index))
 
     def settle(
@@ -563,10 +691,14 @@ class RedisLedger(Ledger):
         for ``settled_ttl``.
 
         Only the ``watch`` lines (all when None) are read back; the others' states are None.
+        The call carries a random token: if its reply is lost and redis-py sends it again,
+        the script finds the id settled with this same token and still answers
+        ``applied=True``; a second ``settle`` call of the id answers ``applied=False``.
         """
         unique, index = distinct_lines(lines)  # a line given twice is charged once
         watched = _watch_mask(len(unique), distinct_watch(watch, index))
-        args = self._settle_args(reservation_id, unique, amounts, record, now, watched)
+        args = self._settle_args(reservation_id, unique, amounts, record, now, watched, _token())
+        self._adopt(reservation_id)
         reply = self._eval(self._rkey(reservation_id), args)
         states = spread(_watched(reply[1], watched), index)
         return SettleResult(applied=bool(reply[0]), states=states)
@@ -584,20 +716,33 @@ class RedisLedger(Ledger):
         """Async :meth:`settle`."""
         unique, index = distinct_lines(lines)
         watched = _watch_mask(len(unique), distinct_watch(watch, index))
-        args = self._settle_args(reservation_id, unique, amounts, record, now, watched)
+        args = self._settle_args(reservation_id, unique, amounts, record, now, watched, _token())
+        self._adopt(reservation_id)
         reply = await self._aeval(self._rkey(reservation_id), args)
         states = spread(_watched(reply[1], watched), index)
         return SettleResult(applied=bool(reply[0]), states=states)
 
     def release(self, reservation_id: str, *, now: float) -> bool:
         """Drop the hold; True if a live (unexpired) hold was removed."""
+        check_text("reservation id", reservation_id)
         args: list[str | bytes] = ["release", self.key_prefix, reservation_id, _num(now)]
-        return bool(self._eval(self._rkey(reservation_id), args))
+        self._adopt(reservation_id)
+        try:
+            return bool(self._eval(self._rkey(reservation_id), args))
+        except LedgerUnavailable as exc:
+            self._orphan(reservation_id, exc)
+            raise
 
     async def arelease(self, reservation_id: str, *, now: float) -> bool:
         """Async :meth:`release`."""
+        check_text("reservation id", reservation_id)
         args: list[str | bytes] = ["release", self.key_prefix, reservation_id, _num(now)]
-        return bool(await self._aeval(self._rkey(reservation_id), args))
+        self._adopt(reservation_id)
+        try:
+            return bool(await self._aeval(self._rkey(reservation_id), args))
+        except LedgerUnavailable as exc:
+            self._orphan(reservation_id, exc)
+            raise
 
     def status(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
         """Spent and held per line (expired holds are dropped first, so they do not count)."""
@@ -619,18 +764,17 @@ class RedisLedger(Ledger):
     def claim_alert(self, alert_key: str, *, expires_at: float | None) -> bool:
         """True for the first claim of ``alert_key`` (``SET NX``); the claim is kept until a
         day after ``expires_at``."""
+        check_text("alert key", alert_key)
         key = f"{self.key_prefix}:a:{alert_key}"
         ttl = self._alert_ttl(expires_at)
         return bool(self._call(lambda: self._client.set(key, b"1", nx=True, ex=ttl)))
 
     async def aclaim_alert(self, alert_key: str, *, expires_at: float | None) -> bool:
         """Async :meth:`claim_alert`."""
+        check_text("alert key", alert_key)
         key = f"{self.key_prefix}:a:{alert_key}"
-        try:
-            won = await self._async().set(key, b"1", nx=True, ex=self._alert_ttl(expires_at))
-        except (self._redis.RedisError, OSError) as exc:
-            raise self._wrap(exc) from exc
-        return bool(won)
+        ttl = self._alert_ttl(expires_at)
+        return bool(await self._acall(lambda: self._async().set(key, b"1", nx=True, ex=ttl)))
 
     def append_usage(self, record: UsageRecord) -> None:
         """Log a record with no spend (a refused call)."""
@@ -669,16 +813,17 @@ class RedisLedger(Ledger):
         low, high, day_low, day_high = self._records_query(since, until)
         p = self.key_prefix
         client = self._async()
-        try:
+
+        async def read() -> list[bytes]:
             days = await client.zrangebyscore(f"{p}:logdays", day_low, day_high)
-            members: list[bytes] = []
-            if days:
-                pipe = client.pipeline(transaction=False)
-                for day in days:
-                    pipe.zrangebyscore(f"{p}:log:{_text(day)}", low, high)
-                members = [m for chunk in await pipe.execute() for m in chunk]
-        except (self._redis.RedisError, OSError) as exc:
-            raise self._wrap(exc) from exc
+            if not days:
+                return []
+            pipe = client.pipeline(transaction=False)
+            for day in days:
+                pipe.zrangebyscore(f"{p}:log:{_text(day)}", low, high)
+            return [m for chunk in await pipe.execute() for m in chunk]
+
+        members = await self._acall(read)
         if limit is not None:
             members = members[: max(limit, 0)]
         return [_decode_record(m) for m in members]
@@ -695,6 +840,8 @@ class RedisLedger(Ledger):
         (read from Redis, grouped here)."""
         if group_by not in ("scope", "model", "day"):
             raise ValueError(f"group_by must be 'scope', 'model' or 'day', not {group_by!r}")
+        if scope is not None:
+            check_text("scope name", scope)
         return group_usage(self.records(since=since, until=until), group_by, scope)
 
     async def ausage(
@@ -708,6 +855,8 @@ class RedisLedger(Ledger):
         """Async :meth:`usage`."""
         if group_by not in ("scope", "model", "day"):
             raise ValueError(f"group_by must be 'scope', 'model' or 'day', not {group_by!r}")
+        if scope is not None:
+            check_text("scope name", scope)
         return group_usage(await self.arecords(since=since, until=until), group_by, scope)
 
     def server_time(self) -> float:
@@ -717,10 +866,7 @@ class RedisLedger(Ledger):
 
     async def aserver_time(self) -> float:
         """Async :meth:`server_time`."""
-        try:
-            seconds, micros = await self._async().time()
-        except (self._redis.RedisError, OSError) as exc:
-            raise self._wrap(exc) from exc
+        seconds, micros = await self._acall(self._async().time)
         return int(seconds) + int(micros) / 1e6
 
     def ping(self) -> None:

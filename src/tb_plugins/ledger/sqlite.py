@@ -26,6 +26,21 @@ loss may drop the last few commits, never corrupt the file), and 1 KiB pages kee
 small, since a settle dirties a few pages. Connections are per thread and reopened in a
 forked child (by an ``os.register_at_fork`` hook, and a pid check behind it).
 
+**The file itself.** A process that deletes or replaces the ledger file (``rm``, a restored
+backup moved over it) leaves this process's connections writing to a file nobody else sees,
+whose spend is gone at exit. So the ledger compares the file at its path with the one it
+opened (device and inode) at most every :data:`FILE_CHECK_EVERY` seconds, before the next
+call, and whenever a thread opens a connection; once they differ every call raises
+:class:`~tb_plugins.errors.LedgerUnavailable` naming the file (the guard's fail mode applies)
+until :meth:`SQLiteLedger.reopen` is called. It never reopens by itself: a new, empty file
+would silently start every budget again from zero.
+
+**Errors.** A locked, busy, missing or unreadable file is ``LedgerUnavailable``; anything the
+ledger is given that it cannot store (an amount past ``2**63 - 1``, a sum that would pass it,
+a name with a lone surrogate) is a plain :class:`~tb_plugins.errors.LedgerError` raised before
+anything is written. Scope and model names are stored exactly, NUL included (SQLite's JSON
+functions cut strings at an escaped NUL, so reports split such scope lists in Python).
+
 Example:
     >>> from tb_plugins import ledger_from_url
     >>> ledger = ledger_from_url("sqlite:///tb_ledger.db")  # doctest: +SKIP
@@ -58,8 +73,13 @@ from tb_plugins.ledger.base import (
     ReserveResult,
     SettleResult,
     _to_thread,
+    check_amounts,
+    check_record_amounts,
+    check_text,
+    check_texts,
     distinct_lines,
     distinct_watch,
+    json_text,
     spread,
     usage_rows,
 )
@@ -84,6 +104,8 @@ PAGE_SIZE = 1024  # bytes, for new files
 PRUNE_EVERY = 600.0  # seconds of ledger time between two prunes of dead counters and alerts
 CHECKPOINT_EVERY = 100  # write transactions on an event loop between two checkpoints
 PRUNE_GRACE = 86_400.0  # a counter or alert is deleted this long after it stopped being read
+FILE_CHECK_EVERY = 0.5  # seconds (monotonic) between two checks that the file is still ours
+_clock = time.monotonic  # the clock of those checks (tests replace it)
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.0005, 0.05  # seconds, retry of a locked file (with jitter)
 
 _UNIT_COLS = ", ".join(UNITS)
@@ -201,9 +223,15 @@ _UPSERT_COUNTERS = (
     f"INSERT INTO counters (key, bucket, scope, window, {_UNIT_COLS}, expires_at) VALUES "
 )
 _COUNTER_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# SQLite turns an integer overflow of `+` into a float, silently; abs(-2**63) raises "integer
+# overflow" instead, so a sum that would pass 2**63 - 1 fails the transaction (see _wrap).
+_CHECKED_ADD = (
+    "{u} = CASE WHEN excluded.{u} > 9223372036854775807 - {u}"
+    " THEN abs(-9223372036854775807 - 1 - 0 * {u}) ELSE {u} + excluded.{u} END"
+)
 _ON_COUNTER = f"""
 ON CONFLICT (key, bucket) DO UPDATE SET
-  {", ".join(f"{u} = {u} + excluded.{u}" for u in UNITS)},
+  {", ".join(_CHECKED_ADD.format(u=u) for u in UNITS)},
   expires_at = CASE WHEN expires_at IS NULL OR excluded.expires_at IS NULL THEN NULL
                     ELSE max(expires_at, excluded.expires_at) END
 """
@@ -246,23 +274,64 @@ SELECT {_RECORD_COLS} FROM usage
  WHERE (:since IS NULL OR ts >= :since) AND (:until IS NULL OR ts < :until)
  ORDER BY ts, id LIMIT :limit
 """
-_USAGE_TEMPLATE = """
-SELECT {key} AS k,
-       sum(u.action != 'deny'), sum(u.action = 'deny'),
+# SQLite's JSON functions cut a string at an escaped NUL (json_each reads "a\u0000b" as "a"),
+# so a record whose scope list holds a NUL is never split by json_each: such records are
+# grouped by their whole list in SQL, and the lists split in Python (exactly), then merged.
+_NUL = "'\\u0000'"  # JSON's escape of NUL as SQL text; only such lists can hold a NUL
+_SUMS = """sum(u.action != 'deny'), sum(u.action = 'deny'),
        sum(CASE WHEN u.action != 'deny' THEN u.input_tokens ELSE 0 END),
        sum(CASE WHEN u.action != 'deny' THEN u.output_tokens ELSE 0 END),
        sum(CASE WHEN u.action != 'deny' THEN u.cached_input_tokens ELSE 0 END),
-       sum(CASE WHEN u.action != 'deny' THEN u.usd ELSE 0 END)
-  FROM usage u {join}
- WHERE (:since IS NULL OR u.ts >= :since) AND (:until IS NULL OR u.ts < :until)
+       sum(CASE WHEN u.action != 'deny' THEN u.usd ELSE 0 END)"""
+_PERIOD = "(:since IS NULL OR u.ts >= :since) AND (:until IS NULL OR u.ts < :until)"
+_USAGE_TEMPLATE = f"""
+SELECT {{key}} AS k, {_SUMS}
+  FROM usage u {{join}}
+ WHERE {_PERIOD} AND ifnull(instr(u.scopes, {_NUL}), 0) = 0
    AND (:scope IS NULL OR EXISTS (SELECT 1 FROM json_each(u.scopes) f WHERE f.value = :scope))
- GROUP BY k ORDER BY k
+ GROUP BY k
 """
-_USAGE: dict[str, str] = {
-    "scope": _USAGE_TEMPLATE.format(key="s.value", join="JOIN json_each(u.scopes) s"),
-    "model": _USAGE_TEMPLATE.format(key="u.model", join=""),
-    "day": _USAGE_TEMPLATE.format(key="strftime('%Y-%m-%d', u.ts, 'unixepoch')", join=""),
+_USAGE_NUL_TEMPLATE = f"""
+SELECT {{key}} AS k, u.scopes, {_SUMS}
+  FROM usage u
+ WHERE {_PERIOD} AND instr(u.scopes, {_NUL}) > 0
+ GROUP BY k, u.scopes
+"""
+_DAY = "strftime('%Y-%m-%d', u.ts, 'unixepoch')"
+_USAGE: dict[str, tuple[str, str]] = {
+    "scope": (
+        _USAGE_TEMPLATE.format(key="s.value", join="JOIN json_each(u.scopes) s"),
+        _USAGE_NUL_TEMPLATE.format(key="NULL"),
+    ),
+    "model": (
+        _USAGE_TEMPLATE.format(key="u.model", join=""),
+        _USAGE_NUL_TEMPLATE.format(key="u.model"),
+    ),
+    "day": (
+        _USAGE_TEMPLATE.format(key=_DAY, join=""),
+        _USAGE_NUL_TEMPLATE.format(key=_DAY),
+    ),
 }
+
+
+def _merge_usage(
+    rows: list[Any], nul_rows: list[Any], group_by: GroupBy, scope: str | None
+) -> list[UsageRow]:
+    """Report rows from the two usage queries: ``rows`` (key, sums) as they are, plus
+    ``nul_rows`` (key, scope list as JSON, sums) split and filtered here."""
+    if not nul_rows:
+        return usage_rows(rows)
+    totals: dict[str, list[Any]] = {str(r[0]): list(r[1:]) for r in rows}
+    for key, scopes, *sums in nul_rows:
+        path = json.loads(scopes)
+        if scope is not None and scope not in path:
+            continue
+        for k in dict.fromkeys(path) if group_by == "scope" else (key,):
+            total = totals.setdefault(k, [0, 0, 0, 0, 0, 0.0])
+            for i, v in enumerate(sums):
+                total[i] += v or 0
+    return usage_rows((k, *v) for k, v in totals.items())
+
 
 _INHERITED: list[sqlite3.Connection] = []  # parent connections a forked child must not close
 _LEDGERS: weakref.WeakSet[SQLiteLedger] = weakref.WeakSet()
@@ -397,7 +466,12 @@ class SQLiteLedger(Ledger):
             threading.Lock() if self._memory else contextlib.nullcontext()
         )
         _LEDGERS.add(self)
+        # The file this ledger opened, as (device, inode): see _check_file.
+        self._file_id: tuple[int, int] | None = None
+        self._next_file_check = 0.0
+        self._lost: str | None = None
         self._run(lambda conn: None, write=False, setup=True)
+        self._file_id = None if self._memory else self._stat_id()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteLedger:
@@ -426,6 +500,64 @@ class SQLiteLedger(Ledger):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 
+    # -- the file ------------------------------------------------------------------------------
+
+    def _stat_id(self) -> tuple[int, int] | None:
+        """(device, inode) of the file at the ledger's path now, or None if there is none."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise LedgerUnavailable(
+                f"SQLite ledger {self.path}: cannot stat the file: {exc}"
+            ) from exc
+        return st.st_dev, st.st_ino
+
+    def _check_file(self, *, force: bool = False) -> None:
+        """Raise :class:`LedgerUnavailable` once the file at the path is no longer the file
+        this ledger opened (deleted, or replaced by another one): its open connections would
+        go on writing to a file no other process sees, and whose spend is lost at exit.
+
+        One ``stat`` per :data:`FILE_CHECK_EVERY` seconds at most, before the next operation
+        (``force``: now). Once lost, every call fails until :meth:`reopen`.
+        """
+        if self._lost is not None:
+            raise LedgerUnavailable(self._lost)
+        if self._file_id is None:  # in-memory, or still opening
+            return
+        now = _clock()
+        if not force and now < self._next_file_check:
+            return
+        self._next_file_check = now + FILE_CHECK_EVERY
+        found = self._stat_id()
+        if found == self._file_id:
+            return
+        what = "deleted" if found is None else "replaced by another file"
+        self._lost = (
+            f"SQLite ledger {self.path}: the ledger file was {what} while this process had it "
+            f"open; its spend is no longer visible to other processes, so nothing more is "
+            f"written to it. Call reopen() on the ledger (or restart) to use the file now at "
+            f"that path"
+        )
+        logger.error("tb_plugins: %s", self._lost)
+        raise LedgerUnavailable(self._lost)
+
+    def reopen(self) -> None:
+        """Use the file now at the ledger's path (created, with the schema, if missing), after
+        the file this ledger had open was deleted or replaced.
+
+        Never done by itself: a new, empty file would silently start every budget from zero.
+        """
+        if self._memory:
+            return
+        self.close()
+        self._lost = None
+        self._file_id = None
+        self._run(lambda conn: None, write=False, setup=True)
+        self._file_id = self._stat_id()
+        self._next_file_check = _clock() + FILE_CHECK_EVERY
+
     # -- connections and transactions --------------------------------------------------------
 
     def _open(self, timeout: float | None = None) -> sqlite3.Connection:
@@ -448,6 +580,7 @@ class SQLiteLedger(Ledger):
         if conn is None or local.pid != os.getpid():
             if getattr(local, "pid", None) != os.getpid():
                 local.conn = local.fast = None
+            self._check_file(force=True)  # never open (or create) a file that is not ours
             conn = self._open(0.0 if fast else None)
             if fast and not self._memory:
                 # A checkpoint flushes the file to disk: never on an event loop (see _arun).
@@ -487,6 +620,7 @@ class SQLiteLedger(Ledger):
         self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True, setup: bool = False
     ) -> T:
         """Run ``fn`` in one transaction, retrying while another process holds the file."""
+        self._check_file()
         deadline = time.monotonic() + self._timeout
         writer = _writer_lock(self.path) if write and not self._memory else None
         if writer is not None and not writer.acquire(timeout=self._timeout):
@@ -525,10 +659,13 @@ class SQLiteLedger(Ledger):
                     delay = min(delay * 2, _BACKOFF_MAX)
                     continue
                 raise self._wrap(exc) from exc
+            except (OverflowError, ValueError, TypeError) as exc:  # binding a parameter
+                raise self._wrap_value(exc) from exc
 
     def _run_now(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T | _Busy:
         """Run ``fn`` in one transaction on the calling thread if the ledger is free at once;
         else change nothing and return ``BUSY`` (never waits: safe on an event loop)."""
+        self._check_file()
         writer = _writer_lock(self.path) if write and not self._memory else None
         if writer is not None and not writer.try_acquire():
             return BUSY
@@ -550,6 +687,8 @@ class SQLiteLedger(Ledger):
                     if _is_busy(exc):
                         return BUSY
                     raise self._wrap(exc) from exc
+                except (OverflowError, ValueError, TypeError) as exc:  # binding a parameter
+                    raise self._wrap_value(exc) from exc
                 return result
             finally:
                 if locked is not None:
@@ -594,7 +733,18 @@ class SQLiteLedger(Ledger):
             )
         if any(marker in text.lower() for marker in _UNAVAILABLE_MARKERS):
             return LedgerUnavailable(f"SQLite ledger {self.path}: {text}")
+        if "integer overflow" in text.lower():  # a sum past 2**63 - 1 (see _CHECKED_ADD)
+            return LedgerError(
+                f"SQLite ledger {self.path}: amount out of range: a sum would pass "
+                f"2**63 - 1 ({text}); nothing was written"
+            )
         return LedgerError(f"SQLite ledger {self.path}: {text}")
+
+    def _wrap_value(self, exc: Exception) -> LedgerError:
+        """A value Python could not hand to SQLite: never an outage."""
+        if isinstance(exc, OverflowError):
+            return LedgerError(f"SQLite ledger {self.path}: amount out of range: {exc}")
+        return LedgerError(f"SQLite ledger {self.path}: {type(exc).__name__}: {exc}")
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         with contextlib.suppress(sqlite3.OperationalError):  # no meta table yet
@@ -705,6 +855,8 @@ class SQLiteLedger(Ledger):
         now: float,
         expires_at: float,
     ) -> Callable[[sqlite3.Connection], ReserveResult]:
+        check_amounts(amounts)
+        check_texts(reservation_id, lines)
         unique, index = distinct_lines(lines)  # a line given twice holds once
 
         def tx(conn: sqlite3.Connection) -> ReserveResult:
@@ -766,6 +918,9 @@ class SQLiteLedger(Ledger):
         now: float,
         watch: Sequence[int] | None,
     ) -> Callable[[sqlite3.Connection], SettleResult]:
+        check_amounts(amounts)
+        check_record_amounts(record)
+        check_texts(reservation_id, lines, record)
         unique, index = distinct_lines(lines)  # a line given twice is charged once
         watch = distinct_watch(watch, index)
         watched = range(len(unique)) if watch is None else sorted(set(watch))
@@ -814,6 +969,8 @@ class SQLiteLedger(Ledger):
 
     @staticmethod
     def _release_tx(reservation_id: str, now: float) -> Callable[[sqlite3.Connection], bool]:
+        check_text("reservation id", reservation_id)
+
         def tx(conn: sqlite3.Connection) -> bool:
             live = conn.execute(_DELETE_LIVE_HOLDS, (reservation_id, now)).rowcount
             conn.execute(_DELETE_HOLDS, (reservation_id,))
@@ -838,10 +995,12 @@ class SQLiteLedger(Ledger):
 
     def claim_alert(self, alert_key: str, *, expires_at: float | None) -> bool:
         """True for the first claim of ``alert_key``; the row is pruned once long expired."""
+        check_text("alert key", alert_key)
         return self._run(lambda c: c.execute(_CLAIM_ALERT, (alert_key, expires_at)).rowcount > 0)
 
     async def aclaim_alert(self, alert_key: str, *, expires_at: float | None) -> bool:
         """Async :meth:`claim_alert` (at once when the file is free)."""
+        check_text("alert key", alert_key)
         return await self._arun(
             lambda c: c.execute(_CLAIM_ALERT, (alert_key, expires_at)).rowcount > 0
         )
@@ -856,6 +1015,9 @@ class SQLiteLedger(Ledger):
         await self._arun(self._append_tx(record))
 
     def _append_tx(self, record: UsageRecord) -> Callable[[sqlite3.Connection], None]:
+        check_record_amounts(record)
+        check_texts(record=record)
+
         def tx(conn: sqlite3.Connection) -> None:
             conn.execute(_INSERT_USAGE, (None, *self._record_row(record)))
 
@@ -874,11 +1036,21 @@ class SQLiteLedger(Ledger):
         ``requests`` counts settled records and ``denied`` refused ones; tokens and usd sum
         the settled records only.
         """
-        sql = _USAGE.get(group_by)
-        if sql is None:
+        queries = _USAGE.get(group_by)
+        if queries is None:
             raise ValueError(f"group_by must be 'scope', 'model' or 'day', not {group_by!r}")
+        if scope is not None:
+            check_text("scope name", scope)
         params = {"since": since, "until": until, "scope": scope}
-        return usage_rows(self._run(lambda conn: conn.execute(sql, params).fetchall(), write=False))
+
+        def read(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            return (
+                conn.execute(queries[0], params).fetchall(),
+                conn.execute(queries[1], params).fetchall(),
+            )
+
+        rows, nul_rows = self._run(read, write=False)
+        return _merge_usage(rows, nul_rows, group_by, scope)
 
     def records(
         self, *, since: float | None = None, until: float | None = None, limit: int | None = None
@@ -911,7 +1083,7 @@ class SQLiteLedger(Ledger):
             r.ts, r.reservation_id, _scopes_json(r.scopes), r.model,
             r.requested_model, r.action, r.input_tokens, r.output_tokens, r.cached_input_tokens,
             float(r.usd), int(r.priced), int(r.estimated),
-            json.dumps(r.extra, ensure_ascii=False, default=str) if r.extra else "{}",
+            json_text(r.extra) if r.extra else "{}",
         )  # fmt: skip
 
     def close(self) -> None:

@@ -20,7 +20,9 @@
 --                  t       the key's TTL was last set to last until this
 --                (all packed little-endian doubles, struct "<d…")
 --   P:r:<rid>    the line keys <rid> holds on, one per line of text
---   P:s:<rid>    "1" once <rid> is settled (idempotency; expires after the settled TTL)
+--   P:s:<rid>    the token of the settle call that settled <rid> (idempotency; expires after
+--                the settled TTL): a call sent again after its reply was lost finds its own
+--                token and still says applied, a second settle call of <rid> does not
 --   P:lines      zset <lk> -> when its newest bucket stops being read (+inf: never)
 --   P:seq        counter giving usage records a unique, ordered id
 --   P:log:<day>  zset "<16 hex digits of id><record JSON>" -> ts, one per UTC day
@@ -37,7 +39,9 @@
 --
 -- Arithmetic is on Lua numbers (doubles): exact up to 2^53 per sum (9e15 tokens, or $9M in
 -- nano-dollars per line and window), rounded to a few units beyond. States go back to the
--- client as little-endian int64s (struct "<l…"), which it reads without a float conversion.
+-- client as little-endian int64s (struct "<l…"), which it reads without a float conversion;
+-- a state that an int64 cannot hold fails the call with "amount out of range" before it
+-- writes anything (the client refuses amounts above 2^53 before sending them).
 
 local op = ARGV[1]
 local P = ARGV[2]
@@ -71,9 +75,18 @@ local function packed(v)
 end
 
 local iformats = {}
--- Whole numbers (states) as little-endian int64s.
+local INT64 = 2 ^ 63
+-- Whole numbers (states) as little-endian int64s; a value an int64 cannot hold is an error
+-- (a C cast would wrap it around silently).
 local function ints(v)
   local n = #v
+  for i = 1, n do
+    local x = v[i]
+    if not (x > -INT64 and x < INT64) then
+      error({err = 'amount out of range: a sum of ' .. string.format('%.17g', x) ..
+        ' does not fit in 64 bits'})
+    end
+  end
   local f = iformats[n]
   if not f then
     f = '<' .. string.rep('l', n)
@@ -335,8 +348,9 @@ if op == 'reserve' then
       end
     end
   end
+  local states = ints(out) -- before any write: a state out of range writes nothing
   if ok == 0 then
-    return reply(0, out)
+    return {0, states}
   end
   local rk = P .. ':r:' .. rid
   if had_hold then
@@ -375,30 +389,36 @@ if op == 'reserve' then
     -- The id held on other lines (a reservation retried with other scopes): drop those.
     drop_all(old, rid, now, done)
   end
-  return reply(1, out)
+  return {1, states}
 
 elseif op == 'settle' then
-  -- ARGV: rid, numbers, member, ts, day, lk... ; numbers: now, settled_ttl, a1..a6,
+  -- ARGV: rid, numbers, member, ts, day, token, lk... ; numbers: now, settled_ttl, a1..a6,
   -- log_ttl (< 0: forever), day_start, then per line: bucket, span, width,
   -- counter_ttl (< 0: never), lines_score, watched (1: read its state back, 0: not)
-  local rid, v = ARGV[3], numbers(ARGV[4])
+  local rid, v, token = ARGV[3], numbers(ARGV[4]), ARGV[8]
   local now = v[1]
-  local n, stride = #ARGV - 7, 6
-  if not redis.call('SET', P .. ':s:' .. rid, '1', 'NX', 'EX', math.ceil(v[2])) then
+  local n, stride = #ARGV - 8, 6
+  local settled_key = P .. ':s:' .. rid
+  local mark = redis.call('GET', settled_key)
+  if mark then
+    -- Settled before: by this very call (sent again after its reply was lost) it still
+    -- counts as applied; by another call, not. Nothing changes either way.
     local out = {}
     for i = 0, n - 1 do
       local at = 11 + i * stride
       if v[at + 5] ~= 0 then
-        state(fresh(ARGV[8 + i], v[at], v[at + 1], v[at + 2], false, now), false, out)
+        state(fresh(ARGV[9 + i], v[at], v[at + 1], v[at + 2], false, now), false, out)
       end
     end
-    return reply(0, out)
+    return reply(mark == token and 1 or 0, out)
   end
+  -- Read every line and work out its writes first, so that a state out of range (see ints)
+  -- fails the settle before anything of it is written.
   local amount = {v[3], v[4], v[5], v[6], v[7], v[8]}
-  local out, done, new_bucket = {}, {}, false
+  local writes, out, done, new_bucket = {}, {}, {}, false
   for i = 0, n - 1 do
     local at = 11 + i * stride
-    local lk = ARGV[8 + i]
+    local lk = ARGV[9 + i]
     local L = fresh(lk, v[at], v[at + 1], v[at + 2], rid, now)
     local sets, dels = {}, nil
     if L.own then
@@ -424,16 +444,21 @@ elseif op == 'settle' then
     sets[#sets + 1] = 'C'
     sets[#sets + 1] = packed(L.C)
     local ttl = keep(L, v[at + 3], COUNTER_SLACK, now, sets)
-    redis.call('HSET', L.key, unpack(sets))
-    if dels then redis.call('HDEL', L.key, unpack(dels)) end
-    if ttl then redis.call('EXPIRE', L.key, ttl) end
-    if fresh_bucket then
-      -- A new bucket: list the line for scopes() until its newest bucket expires.
-      redis.call('ZADD', P .. ':lines', 'GT', v[at + 4], lk)
-      new_bucket = true
-    end
+    writes[#writes + 1] = {L.key, sets, dels, ttl, fresh_bucket and lk, v[at + 4]}
+    new_bucket = new_bucket or fresh_bucket
     if v[at + 5] ~= 0 then
       state(L, false, out)
+    end
+  end
+  local states = ints(out)
+  redis.call('SET', settled_key, token, 'EX', math.ceil(v[2]))
+  for _, w in ipairs(writes) do
+    redis.call('HSET', w[1], unpack(w[2]))
+    if w[3] then redis.call('HDEL', w[1], unpack(w[3])) end
+    if w[4] then redis.call('EXPIRE', w[1], w[4]) end
+    if w[5] then
+      -- A new bucket: list the line for scopes() until its newest bucket expires.
+      redis.call('ZADD', P .. ':lines', 'GT', w[6], w[5])
     end
   end
   drop_all(redis.call('GETDEL', P .. ':r:' .. rid), rid, now, done)
@@ -441,13 +466,24 @@ elseif op == 'settle' then
     redis.call('ZREMRANGEBYSCORE', P .. ':lines', '-inf', '(' .. string.format('%.17g', now))
   end
   log(ARGV[5], ARGV[6], ARGV[7], v[10], v[9])
-  return reply(1, out)
+  return {1, states}
 
 elseif op == 'release' then
   -- ARGV: rid, now
   local live = drop_all(redis.call('GETDEL', P .. ':r:' .. ARGV[3]), ARGV[3],
     tonumber(ARGV[4]), {})
   return live and 1 or 0
+
+elseif op == 'forget' then
+  -- ARGV: now, rid... : drop every hold of each reservation (ids whose reserve timed out, so
+  -- it may have landed unseen); returns how many still held something live.
+  local now, live = tonumber(ARGV[3]), 0
+  for i = 4, #ARGV do
+    if drop_all(redis.call('GETDEL', P .. ':r:' .. ARGV[i]), ARGV[i], now, {}) then
+      live = live + 1
+    end
+  end
+  return live
 
 elseif op == 'status' then
   -- ARGV: numbers, lk... ; numbers: now, then per line: bucket, span, width
