@@ -346,3 +346,31 @@ def test_a_call_longer_than_its_rolling_window_is_counted_in_it(ledger: Ledger) 
     assert totals(guard) == (990, 0)
     with pytest.raises(BudgetExceeded):
         check(guard, max_tokens=500)
+
+
+# -- model names -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["gpt-4o\x00", "gpt\x1b[2J", "gpt-\ud800", "", "m" * 600, None])
+def test_a_model_name_that_cannot_be_stored_is_refused_at_check(ledger: Ledger, model: Any) -> None:
+    """A model name with control characters, a lone surrogate, none at all or over 512
+    characters raises TypeError/ValueError at check and holds nothing."""
+    guard = guard_on(ledger, TEAM)
+    with pytest.raises((TypeError, ValueError), match="model"):
+        check(guard, model=model)
+    assert totals(guard) == (0, 0)
+
+
+@pytest.mark.parametrize("served", ["gpt-4o\x00mini", "gpt-4o-\ud800"])
+def test_an_odd_model_name_a_provider_reports_is_stored_escaped_and_charged(
+    ledger: Ledger, served: str
+) -> None:
+    """A served model name the ledger could not store exactly is escaped, never a reason to
+    lose the call's spend."""
+    guard = guard_on(ledger, TEAM)
+    d = check(guard)
+    charge = guard.settle(d, Usage(30, 12, model=served))
+    assert charge.applied and totals(guard) == (42, 0)
+    (rec,) = guard.ledger.records()
+    assert rec.model.isprintable() and rec.model.startswith("gpt-4o")
+    assert guard.rejected == []

@@ -46,7 +46,7 @@ from tb_plugins.core.policy import (
     remaining,
 )
 from tb_plugins.core.pricing import ModelPrice, PriceTable, Pricing
-from tb_plugins.core.scopes import normalize_scope
+from tb_plugins.core.scopes import escape_text, normalize_scope
 from tb_plugins.core.usage import (
     MAX_CALL_TOKENS,
     NANO,
@@ -709,6 +709,7 @@ class BudgetGuard:
         max_tokens: int | None,
     ) -> tuple[Plan, list[str]]:
         reasons: list[str] = []
+        _check_model(model)
         if max_tokens is not None:
             check_count("max_tokens", max_tokens)
         if input_tokens is not None:
@@ -1031,6 +1032,8 @@ class BudgetGuard:
         if usage is None:
             usage = Usage(plan.input_tokens, plan.output_tokens, model=decision.model)
         served = usage.model or decision.model
+        if not served.isprintable():  # a provider's odd name is stored escaped, not refused
+            served = escape_text(served)
         usd = usage.usd
         priced = usd is not None
         if usd is None:
@@ -1324,6 +1327,15 @@ class BudgetGuard:
                         )
                     )
         return out
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, str) or not model:
+        raise TypeError(f"model must be a model name, got {model!r}")
+    if len(model) > 512:
+        raise ValueError(f"model name {model[:40]!r}... is longer than 512 characters")
+    if not model.isprintable() and escape_text(model) != model:
+        raise ValueError(f"model name {model!r} contains a control character or lone surrogate")
 
 
 def _ledger_error(exc: Exception) -> LedgerError:

@@ -410,6 +410,8 @@ class TokenBudgetProxyHandler(CustomLogger):
             raise ProxyException(
                 message=str(err), type="budget_ledger_unavailable", param=None, code=503
             ) from err
+        except (TypeError, ValueError) as err:  # the request itself: a model name, a scope
+            raise _invalid_request(err) from err
         except Exception as exc:  # never let a request through unchecked
             logger.exception("tb_plugins: budget check failed")
             raise ProxyException(
