@@ -331,6 +331,60 @@ def test_a_different_calendar_bucket_does_not_count(ledger: Ledger) -> None:
     assert ledger.status([today], now=T0) == (state(spent=cost(100)),)
 
 
+@pytest.mark.parametrize("later", [61.0, 600.0])
+@pytest.mark.parametrize("end", ["settle", "release", "expiry"])
+def test_a_hold_on_a_rolling_line_counts_until_it_ends_whatever_its_bucket(
+    ledger: Ledger, later: float, end: str
+) -> None:
+    """A live hold on a rolling line counts in full in reserve and status after its bucket
+    left the window (a call longer than the window), until it is settled, released or
+    expired; then only settled spend counts, in the window of the settle."""
+    first = line("team:a", "rolling:1m", tokens=1_000)
+    end_of_hold = T0 + later + 30
+    assert ledger.reserve("r1", [first], cost(908), now=T0, expires_at=end_of_hold).ok
+    now = T0 + later
+    ln = line("team:a", "rolling:1m", now=now, tokens=1_000)
+    assert ln.rolling and first.bucket < ln.lowest_bucket  # the hold's bucket left the window
+    assert ledger.status([ln], now=now) == (state(held=cost(908)),)
+    refused = ledger.reserve("r2", [ln], cost(908), now=now, expires_at=now + TTL)
+    assert not refused.ok
+    assert limited(refused.states, [ln]) == limited((state(held=cost(908)),), [ln])
+    assert ledger.reserve("r3", [ln], cost(92), now=now, expires_at=now + TTL).ok
+    assert ledger.status([ln], now=now) == (state(held=add(cost(908), cost(92))),)
+    assert ledger.release("r3", now=now) is True
+    if end == "settle":
+        rec = record("r1", ("team:a",), ts=now, input_tokens=908)
+        assert ledger.settle("r1", [ln], cost(908), rec, now=now).applied
+        assert ledger.status([ln], now=now) == (state(spent=cost(908)),)
+        assert not ledger.reserve("r4", [ln], cost(93), now=now, expires_at=now + TTL).ok
+    elif end == "release":
+        assert ledger.release("r1", now=now) is True
+        assert ledger.status([ln], now=now) == (state(),)
+        assert ledger.reserve("r4", [ln], cost(1_000), now=now, expires_at=now + TTL).ok
+    else:
+        now = end_of_hold
+        ln = line("team:a", "rolling:1m", now=now, tokens=1_000)
+        assert ledger.status([ln], now=now - 0.001) == (state(held=cost(908)),)
+        assert ledger.status([ln], now=now) == (state(),)
+        assert ledger.reserve("r4", [ln], cost(1_000), now=now, expires_at=now + TTL).ok
+
+
+def test_a_hold_on_a_past_calendar_bucket_does_not_count_in_the_new_one(ledger: Ledger) -> None:
+    """A live hold made in yesterday's bucket (or last hour's) does not count against today's
+    window, in reserve or status; it still counts on its own bucket until it ends."""
+    for window, step in (("day", 86_400.0), ("hour", 3_600.0), ("minute", 60.0)):
+        old = line(f"user:{window}", window, tokens=100)
+        assert ledger.reserve(f"{window}-1", [old], cost(100), now=T0,
+                              expires_at=T0 + 2 * step).ok  # fmt: skip
+        now = T0 + step
+        new = line(f"user:{window}", window, now=now, tokens=100)
+        assert not new.rolling and new.bucket > old.bucket
+        assert ledger.status([new, old], now=now) == (state(), state(held=cost(100)))
+        assert ledger.reserve(f"{window}-2", [new], cost(100), now=now,
+                              expires_at=now + TTL).ok  # fmt: skip
+        assert ledger.status([new], now=now) == (state(held=cost(100)),)
+
+
 # -- bookkeeping -----------------------------------------------------------------------------
 
 

@@ -629,6 +629,53 @@ def test_a_version_2_schema_is_upgraded_to_3_keeping_its_data(pg_schema: str) ->
         upgraded.close()
 
 
+# The hold filters of tb_states2 and tb_reserve2 at version 3 (a hold counted only while its
+# bucket was in the window, on every line), and what version 4 has in their place.
+_V3_HOLD_FILTERS = (
+    (
+        "(p_lows[t.i] < p_buckets[t.i]\n"
+        "                       OR bucket BETWEEN p_lows[t.i] AND p_buckets[t.i])",
+        "bucket BETWEEN p_lows[t.i] AND p_buckets[t.i]",
+    ),
+    ("(t.lo < t.b OR bucket BETWEEN t.lo AND t.b)", "bucket BETWEEN t.lo AND t.b"),
+)
+
+
+def test_a_version_3_schema_gets_the_functions_that_count_rolling_holds_in_full(
+    pg_schema: str,
+) -> None:
+    """A schema at version 3, whose functions dropped a live hold on a rolling line once its
+    bucket left the window, is upgraded by the first call of a newer ledger: the functions
+    are replaced (same signatures, so a process already running sees the fix too), and the
+    hold counts in status and reserve again."""
+    from tb_plugins.ledger.postgres import SCHEMA_SQL
+
+    v3_sql = SCHEMA_SQL
+    for v4_filter, v3_filter in _V3_HOLD_FILTERS:
+        assert v3_sql.count(v4_filter) == 1
+        v3_sql = v3_sql.replace(v4_filter, v3_filter)
+    running = ledger_from_url(pg_url(pg_schema))
+    amt = amounts(908, 0, 0)
+    ln = make_line("team:a", "rolling:1m", tokens=1_000)
+    assert running.reserve("held", [ln], amt, now=T0, expires_at=T0 + 86_400).ok
+    sql(v3_sql, schema=pg_schema)
+    sql("UPDATE meta SET value = '3' WHERE key = 'schema_version'", schema=pg_schema)
+    later = make_line("team:a", "rolling:1m", now=T0 + 61, tokens=1_000)
+    (state,) = running.status([later], now=T0 + 61)
+    assert state.held[TOKENS] == 0  # version 3's functions: the bug this upgrade fixes
+    upgraded = ledger_from_url(pg_url(pg_schema))
+    try:
+        (state,) = upgraded.status([later], now=T0 + 61)
+        assert state.held[TOKENS] == 908
+        assert sql("SELECT value FROM meta", schema=pg_schema) == [(str(SCHEMA_VERSION),)]
+        assert SCHEMA_VERSION == 4
+        assert not upgraded.reserve("r2", [later], amt, now=T0 + 61, expires_at=T0 + TTL).ok
+        assert running.status([later], now=T0 + 61)[0].held[TOKENS] == 908
+    finally:
+        upgraded.close()
+        running.close()
+
+
 def test_a_sum_past_64_bits_in_the_database_is_a_ledger_error_not_unavailable(
     ledger: PostgresLedger,
 ) -> None:

@@ -12,8 +12,15 @@ the live *holds* of reservations. The guard decides; the ledger only does three 
 * :meth:`Ledger.release` — drop the hold (error, cancellation).
 
 Holds carry an absolute expiry; a hold whose owner died stops counting once ``now`` passes it,
-and is purged. Time is always passed in (``now``), never read by the ledger, so tests inject a
-clock and shared ledgers can follow the server's clock through :meth:`Ledger.server_time`.
+and is purged. Which holds a line counts depends on its window (see :attr:`Line.rolling`): on a
+line that sums one bucket (a calendar window, ``total``) only the holds made in that bucket
+(a hold made in last period's bucket does not count against the new period); on a rolling line
+every live hold, whatever bucket it was made in, because a hold is spend not yet charged, and a
+call may run longer than the window (its spend is charged in the bucket of its settle). Only
+settled spend is windowed by buckets.
+
+Time is always passed in (``now``), never read by the ledger, so tests inject a clock and shared
+ledgers can follow the server's clock through :meth:`Ledger.server_time`.
 
 Amount vectors are six integers (see :mod:`tb_plugins.core.usage`). Storage keys come from
 :func:`line_key`, which escapes scope names so no scope can reach another's keys.
@@ -249,6 +256,10 @@ class Line:
         limits: the limit per unit (None = not limited) — the tightest of every budget that
             applies to this scope and window.
         expires_at: after this instant the bucket is no longer read (None = never).
+
+    Settled spend counts in the buckets ``lowest_bucket`` to ``bucket``. Holds count in the
+    bucket ``bucket`` only on a line that sums one bucket (calendar windows, ``total``); on a
+    line that sums more (:attr:`rolling`) every live hold counts, whatever its bucket.
     """
 
     key: str
@@ -264,6 +275,13 @@ class Line:
     def lowest_bucket(self) -> int:
         """The oldest bucket a check sums."""
         return self.bucket - (self.span - 1) * self.width
+
+    @property
+    def rolling(self) -> bool:
+        """Whether the line sums more than one bucket (a rolling window): then every live
+        hold counts on it, whatever bucket it was made in. Backends test the same thing as
+        ``lowest_bucket < bucket``."""
+        return self.lowest_bucket < self.bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,8 +356,9 @@ class Ledger(abc.ABC):
         """Hold ``amounts`` on every line if every limit of every line allows it; else nothing.
 
         Holds that expired at or before ``now`` do not count (a backend drops them when it
-        likes). A limit allows the call when
-        ``spent + held + amount <= limit`` for that unit.
+        likes); on a rolling line every other hold counts, whatever bucket it was made in (see
+        :class:`Line`). A limit allows the call when ``spent + held + amount <= limit`` for
+        that unit.
         """
 
     @abc.abstractmethod
@@ -366,7 +385,8 @@ class Ledger(abc.ABC):
 
     @abc.abstractmethod
     def status(self, lines: Sequence[Line], *, now: float) -> tuple[LineState, ...]:
-        """Spent and held per line (expired holds do not count)."""
+        """Spent and held per line (expired holds do not count; on a rolling line every live
+        hold counts, whatever bucket it was made in)."""
 
     # -- bookkeeping -----------------------------------------------------------------------
 

@@ -123,7 +123,7 @@ __all__ = ["SCHEMA_SQL", "SCHEMA_VERSION", "PostgresLedger"]
 T = TypeVar("T")
 logger = logging.getLogger("tb_plugins")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA_SQL: str = (
     resources.files("tb_plugins.ledger").joinpath("postgres_schema.sql").read_text("utf-8")
 )

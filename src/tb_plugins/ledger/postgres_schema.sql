@@ -1,4 +1,4 @@
--- The PostgreSQL ledger of tb_plugins, schema version 3.
+-- The PostgreSQL ledger of tb_plugins, schema version 4.
 --
 -- Run (by tb_plugins.ledger.postgres, under an advisory lock, once per database and schema, and
 -- again to upgrade a schema of an older version) with search_path set to the ledger's schema:
@@ -28,6 +28,13 @@
 -- Expired holds stop counting at once (every read filters expires_at > now) and are deleted
 -- by the periodic prune.
 --
+-- Which holds count: settled spend counts in the buckets p_lows[i]..p_buckets[i] of a line.
+-- On a line that sums one bucket (calendar windows, total: low = bucket) a hold counts in the
+-- bucket it was made in, so last period's holds do not count against the new period. On a
+-- rolling line (low < bucket) every live hold counts, whatever bucket it was made in: a call
+-- may run longer than the window, and its hold must count until it is settled, released or
+-- expired (its spend is then charged in the bucket of the settle).
+--
 -- Version 1 -> 2: settles and releases take no line lock (see above); holds live in an
 -- UNLOGGED table and lost their index on expires_at (only the prune read it, and holds are
 -- few); counters leave room on their pages for in-place (HOT) updates; the hot-path functions
@@ -42,6 +49,10 @@
 -- own token and still answers "applied", while a second settle call of the id does not. The
 -- overload keeps the name tb_settle2 (one more argument), so per-function statistics still
 -- find the hot path under one name; the older tb_settle2 and tb_log stay for older processes.
+--
+-- Version 3 -> 4: on a rolling line every live hold counts, whatever bucket it was made in
+-- (tb_states2 and tb_reserve2; see "Which holds count" above). Only the function bodies
+-- change, not their signatures, so processes still running older code get the fix too.
 
 CREATE TABLE IF NOT EXISTS meta (
     key   text PRIMARY KEY,
@@ -135,8 +146,9 @@ CREATE TABLE IF NOT EXISTS alerts (
 CREATE OR REPLACE AGGREGATE tb_sum(bigint) (SFUNC = int8pl, STYPE = bigint, INITCOND = '0');
 
 -- The states of the lines p_pick names (1-based indexes into p_hashes, p_lows and p_buckets),
--- in that order, as a 2-D array: per line one row of 12 integers, the 6 units settled then the
--- 6 held by live holds, summed over buckets p_lows[i]..p_buckets[i]. NULL when p_pick is empty.
+-- in that order, as a 2-D array: per line one row of 12 integers, the 6 units settled (summed
+-- over buckets p_lows[i]..p_buckets[i]) then the 6 held by live holds (in that range, or
+-- all of them on a rolling line: see "Which holds count"). NULL when p_pick is empty.
 -- (PL/pgSQL rather than SQL: its plan is prepared once per session.)
 CREATE OR REPLACE FUNCTION tb_states2(
     p_hashes bytea[], p_lows bigint[], p_buckets bigint[], p_now double precision,
@@ -158,7 +170,8 @@ BEGIN
                       tb_sum(requests), tb_sum(calls)
                  FROM holds
                 WHERE key_hash = p_hashes[t.i]
-                  AND bucket BETWEEN p_lows[t.i] AND p_buckets[t.i]
+                  AND (p_lows[t.i] < p_buckets[t.i]
+                       OR bucket BETWEEN p_lows[t.i] AND p_buckets[t.i])
                   AND expires_at > p_now) AS h(a1, a2, a3, a4, a5, a6));
 END
 $$;
@@ -217,8 +230,8 @@ BEGIN
            SELECT tb_sum(tokens), tb_sum(input_tokens), tb_sum(output_tokens), tb_sum(usd),
                   tb_sum(requests), tb_sum(calls)
              FROM holds
-            WHERE key_hash = t.h AND bucket BETWEEN t.lo AND t.b AND expires_at > p_now
-              AND rid_hash <> p_rid_hash) AS h(a1, a2, a3, a4, a5, a6);
+            WHERE key_hash = t.h AND (t.lo < t.b OR bucket BETWEEN t.lo AND t.b)
+              AND expires_at > p_now AND rid_hash <> p_rid_hash) AS h(a1, a2, a3, a4, a5, a6);
     IF ok THEN
         DELETE FROM holds WHERE rid_hash = p_rid_hash;  -- a retried id: its old hold goes
         INSERT INTO holds (rid_hash, key_hash, bucket, tokens, input_tokens, output_tokens, usd,
@@ -409,4 +422,4 @@ BEGIN
 END
 $$;
 
-INSERT INTO meta (key, value) VALUES ('schema_version', '3') ON CONFLICT (key) DO NOTHING;
+INSERT INTO meta (key, value) VALUES ('schema_version', '4') ON CONFLICT (key) DO NOTHING;

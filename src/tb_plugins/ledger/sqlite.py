@@ -167,11 +167,15 @@ _SET_VERSION = "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version
 # -- the hot path: constant SQL ----------------------------------------------------------------
 
 _PURGE_HOLDS = "DELETE FROM holds WHERE expires_at <= ?"
-# One aggregate per line and table, each a range search of the primary key (counters) or of the
-# (key, bucket) index (holds): no join and no temporary b-tree, so the cost is the rows summed.
+# One aggregate per line and table, each a range search of the primary key (the holds of a
+# line are a prefix of theirs): no join and no temporary b-tree, so the cost is the rows summed.
+# Settled spend counts in the buckets lo..hi; a hold counts in bucket hi on a line that sums one
+# bucket (calendar, total), and whatever its bucket on a rolling line (lo < hi): a call may run
+# longer than the window, and its hold must count until it is settled, released or expired.
 _SPENT = "SELECT {i}, 0, {sums} FROM counters WHERE key = ?{k} AND bucket BETWEEN ?{lo} AND ?{hi}"
 _HELD = (
-    "SELECT {i}, 1, {sums} FROM holds WHERE key = ?{k} AND bucket BETWEEN ?{lo} AND ?{hi}"
+    "SELECT {i}, 1, {sums} FROM holds WHERE key = ?{k}"
+    " AND (?{lo} < ?{hi} OR bucket BETWEEN ?{lo} AND ?{hi})"
     " AND expires_at > ?{now} AND reservation_id IS NOT ?{exclude}"
 )
 _ANY_HOLD = "SELECT 1 FROM holds LIMIT 1"
@@ -194,7 +198,8 @@ def _limited(limits: tuple[int | None, ...]) -> int:
 @functools.lru_cache(maxsize=256)
 def _line_states_sql(masks: tuple[int, ...], held: bool = True) -> str:
     """Spent and held of one line per mask in one statement: parameters are (key, lowest
-    bucket, bucket) per line, then now and the reservation id whose holds are left out.
+    bucket, bucket) per line, then now and the reservation id whose holds are left out. A
+    rolling line (lowest bucket < bucket) counts every live hold, whatever its bucket.
 
     A line sums only the units of its mask (the others read 0): a check needs no more, and a
     rolling window's sixty sub-buckets cost a sixth as much for a budget on tokens alone.

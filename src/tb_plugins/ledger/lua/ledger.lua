@@ -31,6 +31,11 @@
 -- Reading a line is one HMGET of five fields, whatever its window: a rolling window's buckets
 -- are entries of C, not keys or fields of their own.
 --
+-- Which holds count: settled spend counts in the buckets low..bucket of the line's window. On
+-- a line that sums one bucket (calendar, total) a hold counts in the bucket it was made in; on
+-- a rolling line (low < bucket) every live hold counts, whatever bucket it was made in (a call
+-- may run longer than the window: its hold counts until it is settled, released or expired).
+--
 -- Expiry of holds: "n" is a lower bound of the expiries of a line's holds, so while now < n
 -- no hold has expired and nothing is scanned. Once now >= n the line's holds are scanned, each
 -- expired one is deleted and its amounts subtracted from the held counter H, and n moves to
@@ -215,7 +220,8 @@ local function fresh(lk, bucket, span, width, rid, now)
 end
 
 -- Append the line's state to `out`: 6 settled then 6 held amounts over its window, without
--- the loaded reservation's own hold when `exclude` is set.
+-- the loaded reservation's own hold when `exclude` is set. A rolling line (low < bucket)
+-- counts every hold of H, whatever its bucket; another line only those of its bucket.
 local function state(L, exclude, out)
   local s1, s2, s3, s4, s5, s6 = 0, 0, 0, 0, 0, 0
   local low, high = L.low, L.bucket
@@ -229,15 +235,16 @@ local function state(L, exclude, out)
   end
   local h1, h2, h3, h4, h5, h6 = 0, 0, 0, 0, 0, 0
   local H = L.H
+  local every = low < high
   for o = 1, #H, H_WIDTH do
     local b = H[o]
-    if b >= low and b <= high then
+    if every or (b >= low and b <= high) then
       h1, h2, h3 = h1 + H[o + 2], h2 + H[o + 3], h3 + H[o + 4]
       h4, h5, h6 = h4 + H[o + 5], h5 + H[o + 6], h6 + H[o + 7]
     end
   end
   local own = L.own
-  if exclude and own and own[1] >= low and own[1] <= high then
+  if exclude and own and (every or (own[1] >= low and own[1] <= high)) then
     h1, h2, h3 = h1 - own[3], h2 - own[4], h3 - own[5]
     h4, h5, h6 = h4 - own[6], h5 - own[7], h6 - own[8]
   end
