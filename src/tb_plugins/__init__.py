@@ -29,7 +29,7 @@ from tb_plugins.errors import (
     TokenBudgetError,
     UnpricedModel,
 )
-from tb_plugins.guard import BudgetGuard, BudgetStatus, Charge, Decision, Estimate
+from tb_plugins.engine import BudgetGuard, BudgetStatus, Charge, Decision, Estimate
 from tb_plugins.ledger import ledger_from_url
 
 __version__ = "0.1.0"

@@ -37,11 +37,9 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -56,6 +54,7 @@ from pydantic import (
     model_validator,
 )
 
+from tb_plugins.core.budgets import Budget
 from tb_plugins.core.pricing import parse_price
 from tb_plugins.core.quantities import parse_quantity, parse_usd, short_repr
 from tb_plugins.core.scopes import KNOWN_KINDS, escape_text, normalize_scope
@@ -63,10 +62,9 @@ from tb_plugins.core.usage import (
     MAX_CALL_TOKENS,
     NO_LIMITS,
     UNIT_INDEX,
-    Limits,
     usd_to_nano,
 )
-from tb_plugins.core.windows import Window, parse_duration, parse_window
+from tb_plugins.core.windows import parse_duration, parse_window
 from tb_plugins.errors import ConfigError
 from tb_plugins.policy_yaml import (
     MAX_POLICY_BYTES,
@@ -87,6 +85,7 @@ __all__ = [
     "MAX_YAML_NODES",
     "AlertSinkSpec",
     "Budget",
+    "compile_budget",
     "BudgetSpec",
     "Policy",
     "PriceSpec",
@@ -413,58 +412,34 @@ class Policy(_Strict):
 
     def compiled_budgets(self) -> list[Budget]:
         """The budgets as the guard uses them (limits as integer vectors, windows parsed)."""
-        return [Budget.from_spec(i, spec) for i, spec in enumerate(self.budgets)]
+        return [compile_budget(i, spec) for i, spec in enumerate(self.budgets)]
 
 
-@dataclass(frozen=True)
-class Budget:
-    """A budget ready for the guard: a scope pattern, a window, integer limits."""
-
-    index: int
-    name: str
-    pattern: str
-    window: Window
-    limits: Limits
-    alerts: tuple[float, ...]
-    downgrade_at: float | None
-
-    @classmethod
-    def from_spec(cls, index: int, spec: BudgetSpec) -> Budget:
-        """Compile one policy entry."""
-        limits = list(NO_LIMITS)
-        parts = []
-        for unit, i in UNIT_INDEX.items():
-            value = getattr(spec, unit)
-            if value is None:
-                continue
-            if unit == "usd":
-                limits[i] = usd_to_nano(float(value))
-                parts.append(f"${value:g}")
-            else:
-                limits[i] = int(value)
-                parts.append(f"{int(value):,} {unit}")
-        window = parse_window(spec.window)
-        name = spec.name or f"{spec.scope} {' + '.join(parts)}/{window.spec}"
-        return cls(
-            index=index,
-            name=name,
-            pattern=spec.scope,
-            window=window,
-            limits=(limits[0], limits[1], limits[2], limits[3], limits[4], limits[5]),
-            alerts=tuple(spec.alerts),
-            downgrade_at=spec.downgrade_at,
-        )
-
-    @property
-    def is_pattern(self) -> bool:
-        """True when the scope is a pattern such as ``user:*`` (one budget per match)."""
-        return any(c in self.pattern for c in "*?[")
-
-    def matches(self, scope: str) -> bool:
-        """Whether this budget applies to a concrete scope."""
-        if not self.is_pattern:
-            return scope == self.pattern
-        return fnmatch.fnmatchcase(scope, self.pattern)
+def compile_budget(index: int, spec: BudgetSpec) -> Budget:
+    """One policy entry as the guard uses it (limits as an integer vector, window parsed)."""
+    limits = list(NO_LIMITS)
+    parts = []
+    for unit, i in UNIT_INDEX.items():
+        value = getattr(spec, unit)
+        if value is None:
+            continue
+        if unit == "usd":
+            limits[i] = usd_to_nano(float(value))
+            parts.append(f"${value:g}")
+        else:
+            limits[i] = int(value)
+            parts.append(f"{int(value):,} {unit}")
+    window = parse_window(spec.window)
+    name = spec.name or f"{spec.scope} {' + '.join(parts)}/{window.spec}"
+    return Budget(
+        index=index,
+        name=name,
+        pattern=spec.scope,
+        window=window,
+        limits=(limits[0], limits[1], limits[2], limits[3], limits[4], limits[5]),
+        alerts=tuple(spec.alerts),
+        downgrade_at=spec.downgrade_at,
+    )
 
 
 def _describe(loc: tuple[int | str, ...], raw: Any) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tb_plugins.core.lines import Line, LineState
 from tb_plugins.core.usage import (
     CALLS,
     INPUT_TOKENS,
@@ -34,10 +35,9 @@ from tb_plugins.core.usage import (
     unit_value,
 )
 from tb_plugins.errors import BudgetExceeded, LoopLimitExceeded
-from tb_plugins.ledger.base import Line, LineState
 
 if TYPE_CHECKING:
-    from tb_plugins.config import Budget
+    from tb_plugins.core.budgets import Budget
 
 __all__ = [
     "LinePlan",

@@ -1,0 +1,177 @@
+"""What the guard hands back: a :class:`Decision` for a checked call, a :class:`Charge` for a
+settled one, and a :class:`BudgetStatus` per budget limit, plus the ids reservations carry."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from tb_plugins.core.policy import LinePlan, Plan
+from tb_plugins.core.usage import UNITS, unit_value
+from tb_plugins.engine.alerts import Alert
+from tb_plugins.ledger.base import LineState
+
+__all__ = [
+    "Action",
+    "BudgetStatus",
+    "Charge",
+    "Decision",
+    "Estimate",
+    "new_reservation_id",
+    "statuses",
+]
+
+Action = Literal["allow", "clamp", "downgrade"]
+
+
+def new_reservation_id() -> str:
+    """A time-ordered UUID (version 7) as 32 hex digits: 48 bits of Unix milliseconds, then
+    74 random bits. Ids made in time order land next to each other in a ledger's index of
+    settled ids (a random uuid4 lands on a random page of it, each time)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (
+        (ms & 0xFFFF_FFFF_FFFF) << 80
+        | 0x7 << 76
+        | (rand >> 68) << 64
+        | 0b10 << 62
+        | (rand & 0x3FFF_FFFF_FFFF_FFFF)
+    )
+    return f"{value:032x}"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a call is expected to use: the amounts held by its reservation."""
+
+    input_tokens: int
+    output_tokens: int
+    usd: float | None
+    exact: bool
+
+    @property
+    def tokens(self) -> int:
+        """Input plus output tokens."""
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The guard's answer for one call. Apply ``model`` and ``max_tokens`` to the request.
+
+    Attributes:
+        action: ``allow``, ``clamp`` (``max_tokens`` lowered) or ``downgrade`` (``model``
+            replaced by its cheaper mapping; ``max_tokens`` may be lowered too).
+        model: the model to call.
+        requested_model: the model the caller asked for.
+        max_tokens: the output cap to send (None: the caller set none and none is needed).
+        reservation_id: the hold's id; pass the decision to ``settle`` or ``release``.
+        estimate: the amounts held.
+        scopes: the scope path charged (``global`` first).
+        reasons: why the action differs from the request, in words.
+        remaining: the least left of each limited unit over the path, after this hold.
+        local: True when admitted under ``fail_open`` without a ledger hold.
+    """
+
+    action: Action
+    model: str
+    requested_model: str
+    max_tokens: int | None
+    reservation_id: str
+    estimate: Estimate
+    scopes: tuple[str, ...]
+    reasons: tuple[str, ...] = ()
+    remaining: Mapping[str, float] = field(default_factory=dict)
+    local: bool = False
+    created_at: float = 0.0
+    expires_at: float = 0.0
+    lines: tuple[LinePlan, ...] = field(default=(), repr=False)
+    plan: Plan | None = field(default=None, repr=False)
+    issuer: str = field(default="", repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What :meth:`BudgetGuard.settle` charged."""
+
+    reservation_id: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    usd: float | None
+    estimated: bool
+    applied: bool
+    alerts: tuple[Alert, ...] = ()
+
+    @property
+    def tokens(self) -> int:
+        """Input plus output tokens."""
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """One limit of one budget on one scope, now."""
+
+    scope: str
+    budget: str
+    window: str
+    unit: str
+    spent: float
+    reserved: float
+    limit: float
+    remaining: float
+    utilization: float
+    window_start: float | None
+    resets_at: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (times as ISO 8601 too)."""
+        iso = {
+            f"{k}_iso": None
+            if v is None
+            else datetime.fromtimestamp(v, tz=timezone.utc).isoformat()
+            for k, v in (("window_start", self.window_start), ("resets_at", self.resets_at))
+        }
+        return {**self.__dict__, **iso}
+
+
+def statuses(
+    plans: Sequence[LinePlan], states: Sequence[LineState], now: float, tz: ZoneInfo
+) -> list[BudgetStatus]:
+    """One :class:`BudgetStatus` per limited unit of every budget of each line."""
+    out = []
+    for lp, st in zip(plans, states, strict=True):
+        start = None
+        if lp.budgets and lp.line.window != "total":
+            start = lp.budgets[0].window.slot(now, tz).start
+        for b in lp.budgets:
+            for u, lim in enumerate(b.limits):
+                if lim is None:
+                    continue
+                spent = unit_value(u, st.spent[u])
+                held = unit_value(u, st.held[u])
+                limit = unit_value(u, lim)
+                used = spent + held
+                out.append(
+                    BudgetStatus(
+                        scope=lp.line.scope,
+                        budget=b.name,
+                        window=lp.line.window,
+                        unit=UNITS[u],
+                        spent=spent,
+                        reserved=held,
+                        limit=limit,
+                        remaining=max(limit - used, 0.0),
+                        utilization=(used / limit) if limit else (float("inf") if used else 0.0),
+                        window_start=start,
+                        resets_at=lp.resets_at,
+                    )
+                )
+    return out

@@ -1,0 +1,419 @@
+"""The guard's flows: check (the decision ladder against the ledger), settle and release.
+
+Each flow is a generator that yields ledger operations (see :mod:`tb_plugins.engine.drivers`)
+and asks the pure rules of :mod:`tb_plugins.core.policy` what to do with the answers, so the
+sync and async methods of :class:`~tb_plugins.engine.guard.BudgetGuard` share every decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from tb_plugins.core.policy import (
+    LinePlan,
+    Plan,
+    alerts_crossed,
+    downgrade_due,
+    max_output_that_fits,
+    refusal,
+    remaining,
+)
+from tb_plugins.core.request import Request
+from tb_plugins.core.scopes import escape_text
+from tb_plugins.core.usage import Amounts, Usage, UsageRecord, amounts, nano_to_usd, usd_to_nano
+from tb_plugins.engine.alerts import Alert, AlertSink, dispatch
+from tb_plugins.engine.decision import (
+    Action,
+    Charge,
+    Decision,
+    Estimate,
+    new_reservation_id,
+)
+from tb_plugins.engine.drivers import Flow, quiet
+from tb_plugins.engine.estimate import Estimator, with_output
+from tb_plugins.engine.planning import LinePlanner
+from tb_plugins.engine.writeback import Pending, WriteBack
+from tb_plugins.errors import (
+    BudgetRefused,
+    LedgerError,
+    LedgerUnavailable,
+    RequestTooLarge,
+)
+from tb_plugins.ledger import Ledger
+from tb_plugins.ledger.base import LineState, ReserveResult, SettleResult
+from tb_plugins.warnings import FailOpenWarning
+
+if TYPE_CHECKING:
+    from tb_plugins.config import Policy
+    from tb_plugins.core.budgets import Budget
+
+__all__ = ["Flows", "safe_url"]
+
+logger = logging.getLogger("tb_plugins")
+_MAX_ATTEMPTS = 6
+_HINT = "a budget is past its downgrade_at fraction"
+
+
+class Flows:
+    """The flows, as methods of the guard (which provides the attributes below)."""
+
+    policy: Policy
+    ledger: Ledger
+    estimator: Estimator
+    planner: LinePlanner
+    writeback: WriteBack
+    listeners: list[Callable[[str, Mapping[str, Any]], None]]
+    _sinks: list[AlertSink]
+    _hints: set[str]
+    _issuer: str
+
+    def now(self) -> float:  # pragma: no cover - the guard's
+        raise NotImplementedError
+
+    # -- check -----------------------------------------------------------------------------
+
+    def _check_flow(
+        self, request: Request, down: LedgerUnavailable | None = None
+    ) -> Flow[Decision]:
+        now = self.now()
+        path = self.planner.scope_path(request.scopes)
+        rid = request.reservation_id or new_reservation_id()
+        model = request.model
+        plan, reasons = self.estimator.plan(request)
+        action: Action = "clamp" if reasons else "allow"
+        caps = self.policy.request
+        if caps.max_input_tokens is not None and plan.input_tokens > caps.max_input_tokens:
+            too_large = RequestTooLarge(
+                scope="request",
+                budget="request.max_input_tokens",
+                unit="input_tokens",
+                spent=0,
+                limit=caps.max_input_tokens,
+                requested=plan.input_tokens,
+                resets_at=None,
+                message=(
+                    f"the request has {plan.input_tokens:,} input tokens, above the "
+                    f"per-request cap of {caps.max_input_tokens:,} (request.max_input_tokens)"
+                ),
+            )
+            yield from self._record_deny(rid, path, model, now, too_large)
+            raise too_large
+        lines = self.planner.lines(path, now)
+        expires_at = now + self.policy.reservation_ttl
+        cheaper = self.estimator.downgrade_model(model) if request.adjust else None
+        # A line known to be past downgrade_at starts the ladder on the cheaper model.
+        hinted = bool(cheaper) and any(lp.line.key in self._hints for lp in lines)
+        if hinted and cheaper:
+            plan, reasons = self._replan(request, cheaper, _HINT)
+            action = "downgrade"
+        watch = any(lp.downgrades for lp in lines)
+        if down is not None:  # seen this very call: do not wait for the ledger a second time
+            return self._fail_open(down, rid, path, lines, plan, action, reasons, now)
+        states: Sequence[LineState] = ()
+        for _attempt in range(_MAX_ATTEMPTS):
+            try:
+                result: ReserveResult = yield (
+                    "reserve",
+                    (rid, [lp.line for lp in lines], plan.amounts()),
+                    {"now": now, "expires_at": expires_at},
+                )
+            except LedgerUnavailable as exc:
+                return self._fail_open(exc, rid, path, lines, plan, action, reasons, now)
+            except LedgerError as exc:  # refused, not unreachable: never admit unchecked
+                raise LedgerError(
+                    f"the ledger {safe_url(self.ledger.url)} refused the reservation ({exc}); "
+                    f"the call is refused"
+                ) from exc
+            states = result.states
+            if result.ok:
+                due = None
+                if watch:  # one pass: the first budget past downgrade_at, and the hints
+                    for lp, st in zip(lines, states, strict=True):
+                        past = downgrade_due((lp,), (st,))
+                        if past is not None:
+                            if due is None:
+                                due = past
+                            self._hints.add(lp.line.key)
+                        else:
+                            self._hints.discard(lp.line.key)
+                if due is not None and cheaper and plan.model != cheaper:
+                    yield from quiet("release", (rid,), {"now": now})
+                    plan, reasons = self._replan(request, cheaper, _past(due))
+                    action = "downgrade"
+                    continue
+                if due is None and hinted:
+                    # The hint was stale (e.g. the window reset): serve the model asked for.
+                    yield from quiet("release", (rid,), {"now": now})
+                    plan, reasons = self.estimator.plan(request)
+                    action, hinted = ("clamp" if reasons else "allow"), False
+                    continue
+                if due is not None and hinted:
+                    reasons = [_past(due) if r == _HINT else r for r in reasons]
+                d = self._decision(rid, path, lines, plan, action, reasons, states, now, model)
+                return d
+            # Refused: read what is left and step down the ladder.
+            best, hard = max_output_that_fits(plan, lines, states)
+            min_out = self.policy.min_output_tokens
+            if not hard and (best is None or best >= plan.output_tokens):
+                continue  # it fits now; another process took and returned room meanwhile
+            if (
+                request.adjust
+                and not hard
+                and best is not None
+                and plan.output_tokens > 0
+                and best >= min(min_out, plan.output_tokens)
+            ):
+                reasons.append(
+                    f"max_tokens lowered from {plan.output_tokens} to {best} to fit what is left"
+                )
+                plan = with_output(plan, best)
+                if action == "allow":
+                    action = "clamp"
+                continue
+            if cheaper and plan.model != cheaper:
+                alt, alt_reasons = self._replan(
+                    request, cheaper, f"only the cheaper model {cheaper!r} fits what is left"
+                )
+                best2, hard2 = max_output_that_fits(alt, lines, states)
+                if not hard2 and (best2 is None or best2 >= min(min_out, alt.output_tokens)):
+                    if best2 is not None and best2 < alt.output_tokens:
+                        alt = with_output(alt, best2)
+                        alt_reasons.append(f"max_tokens lowered to {best2} to fit what is left")
+                    plan, reasons, action = alt, alt_reasons, "downgrade"
+                    continue
+            err = refusal(plan, lines, states, min_out)
+            yield from self._record_deny(rid, path, model, now, err)
+            raise err
+        err = refusal(plan, lines, states, self.policy.min_output_tokens)
+        yield from self._record_deny(rid, path, model, now, err)
+        raise err
+
+    def _replan(self, request: Request, model: str, why: str) -> tuple[Plan, list[str]]:
+        """The original request estimated for the cheaper model (its tokenizer, its price)."""
+        plan, reasons = self.estimator.plan(request, model)
+        return plan, [*reasons, why]
+
+    def _decision(
+        self,
+        rid: str,
+        path: tuple[str, ...],
+        lines: tuple[LinePlan, ...],
+        plan: Plan,
+        action: Action,
+        reasons: list[str],
+        states: Sequence[LineState],
+        now: float,
+        requested_model: str,
+        local: bool = False,
+    ) -> Decision:
+        d = Decision(
+            action=action,
+            model=plan.model,
+            requested_model=requested_model,
+            max_tokens=plan.max_tokens,
+            reservation_id=rid,
+            estimate=Estimate(
+                plan.input_tokens,
+                plan.output_tokens,
+                nano_to_usd(plan.usd_nano()) if plan.priced else None,
+                plan.exact,
+            ),
+            scopes=path,
+            reasons=tuple(reasons),
+            remaining=remaining(lines, states, plan.amounts()) if states else {},
+            local=local,
+            created_at=now,
+            expires_at=now + self.policy.reservation_ttl,
+            lines=lines,
+            plan=plan,
+            issuer=self._issuer,
+        )
+        if self.listeners:
+            self._emit("decision", {"decision": d})
+        return d
+
+    def _fail_open(
+        self,
+        exc: LedgerUnavailable,
+        rid: str,
+        path: tuple[str, ...],
+        lines: tuple[LinePlan, ...],
+        plan: Plan,
+        action: Action,
+        reasons: list[str],
+        now: float,
+    ) -> Decision:
+        if self.policy.on_ledger_error == "fail_closed":
+            raise LedgerUnavailable(
+                f"the ledger {safe_url(self.ledger.url)} cannot be reached ({exc}); the call "
+                f"is refused because the policy says on_ledger_error: fail_closed"
+            ) from exc
+        msg = (
+            f"tb_plugins: ledger {safe_url(self.ledger.url)} unreachable ({exc}); call "
+            f"admitted without a budget check (fail_open); its spend is kept locally and "
+            f"written when the ledger is back"
+        )
+        logger.error(msg)
+        warnings.warn(msg, FailOpenWarning, stacklevel=5)
+        return self._decision(
+            rid, path, lines, plan, action, [*reasons, "fail_open"], (), now, plan.model, True
+        )
+
+    def _record_deny(
+        self, rid: str, path: tuple[str, ...], model: str, now: float, err: BudgetRefused
+    ) -> Flow[None]:
+        record = UsageRecord(
+            ts=now,
+            reservation_id=rid,
+            scopes=path,
+            model=model,
+            requested_model=model,
+            action="deny",
+            extra={"error": err.to_dict()},
+        )
+        self._emit("deny", {"error": err, "scopes": path, "model": model})
+        yield from quiet("append_usage", (record,), {})
+
+    # -- settle and release ----------------------------------------------------------------
+
+    def _own(self, decision: Decision) -> None:
+        if not isinstance(decision, Decision) or decision.plan is None:
+            raise TypeError(
+                f"settle() and release() take the Decision check() returned, got {decision!r}"
+            )
+        if decision.issuer != self._issuer:
+            raise ValueError(
+                f"decision {decision.reservation_id} was made by another BudgetGuard; settle or "
+                f"release it with the guard that made it (its hold is on that guard's ledger)"
+            )
+
+    def _settle_flow(self, decision: Decision, usage: Usage | None) -> Flow[Charge]:
+        self._own(decision)
+        now = self.now()
+        plan = decision.plan
+        assert plan is not None
+        if usage is not None and not isinstance(usage, Usage):
+            raise TypeError(f"settle() takes a tb_plugins.Usage, got {usage!r}")
+        estimated = usage is None
+        if usage is None:
+            usage = Usage(plan.input_tokens, plan.output_tokens, model=decision.model)
+        served = usage.model or decision.model
+        if not served.isprintable():  # a provider's odd name is stored escaped, not refused
+            served = escape_text(served)
+        usd = self.estimator.cost(usage, served, decision.model)
+        charged = amounts(
+            usage.input_tokens, usage.output_tokens, usd_to_nano(usd) if usd is not None else 0
+        )
+        record = UsageRecord(
+            ts=decision.created_at or now,
+            reservation_id=decision.reservation_id,
+            scopes=decision.scopes,
+            model=served,
+            requested_model=decision.requested_model,
+            action=decision.action,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_input_tokens=usage.cached_input_tokens,
+            usd=usd or 0.0,
+            priced=usd is not None,
+            estimated=estimated,
+            extra={"reasoning_tokens": usage.reasoning_tokens} if usage.reasoning_tokens else {},
+        )
+        line_list = [self.planner.settle_line(lp, now) for lp in decision.lines]
+        # Only lines with alert thresholds are read back after the settle.
+        watch = [i for i, lp in enumerate(decision.lines) if lp.alerts]
+        fired: list[Alert] = []
+        applied = True
+        pending = Pending(decision.reservation_id, tuple(line_list), charged, record)
+        try:
+            if decision.local:  # the ledger was down at check: do not wait for it again
+                raise LedgerUnavailable("it was unreachable when the call was checked")
+            result: SettleResult = yield (
+                "settle",
+                (decision.reservation_id, line_list, charged, record),
+                {"now": now, "watch": watch},
+            )
+        except LedgerUnavailable as exc:
+            self.writeback.keep(pending, exc)
+        except LedgerError as exc:
+            applied = False
+            self.writeback.reject(pending, exc)
+        else:
+            applied = result.applied
+            if applied:
+                fired = yield from self._alerts(decision.lines, result.states, charged, now)
+        charge = Charge(
+            reservation_id=decision.reservation_id,
+            model=served,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_input_tokens=usage.cached_input_tokens,
+            usd=usd,
+            estimated=estimated,
+            applied=applied,
+            alerts=tuple(fired),
+        )
+        if self.listeners:
+            self._emit("settle", {"decision": decision, "charge": charge})
+        return charge
+
+    def _release_flow(self, decision: Decision) -> Flow[None]:
+        self._own(decision)
+        if not decision.local:
+            yield from quiet("release", (decision.reservation_id,), {"now": self.now()})
+
+    def _alerts(
+        self,
+        lines: Sequence[LinePlan],
+        states: Sequence[LineState | None],
+        charged: Amounts,
+        now: float,
+    ) -> Flow[list[Alert]]:
+        fired = []
+        for lp, budget, threshold, util in alerts_crossed(lines, states, charged):
+            key = f"{lp.line.key}|{lp.line.bucket}|{budget.index}:{budget.name}|{threshold:g}"
+            expires = None if lp.line.expires_at is None else lp.line.expires_at + 86400
+            won = yield from quiet("claim_alert", (key,), {"expires_at": expires})
+            if not won:
+                continue
+            alert = Alert(
+                scope=lp.line.scope,
+                budget=budget.name,
+                window=lp.line.window,
+                threshold=threshold,
+                utilization=util,
+                resets_at=lp.resets_at,
+                ts=now,
+            )
+            fired.append(alert)
+            dispatch(alert, self._sinks)
+            self._emit("alert", {"alert": alert})
+        return fired
+
+    def _emit(self, event: str, data: Mapping[str, Any]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, data)
+            except Exception:
+                logger.exception("tb_plugins: listener %r failed", listener)
+
+
+def _past(budget: Budget) -> str:
+    return f"budget {budget.name!r} is past its downgrade_at ({budget.downgrade_at:.0%})"
+
+
+def safe_url(url: str) -> str:
+    """A ledger URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<ledger>"
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url

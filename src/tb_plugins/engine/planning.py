@@ -1,0 +1,233 @@
+"""Which ledger lines a call charges: its scope path, and one line per scope and window with
+the tightest limit of each unit over the budgets that match.
+
+Planning is pure, but it runs on every call, so each step is cached: the validated path of a
+tuple of scopes, the templates (key, limits, budgets) of a scope, the window slot of an
+instant, and the lines of a path until one of its windows moves on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+from tb_plugins.core.policy import LinePlan
+from tb_plugins.core.scopes import normalize_scope
+from tb_plugins.core.usage import UNITS, Limits
+from tb_plugins.core.windows import Slot
+from tb_plugins.ledger.base import Line, line_key
+
+if TYPE_CHECKING:
+    from tb_plugins.core.budgets import Budget
+
+__all__ = ["RUN_IDLE_EXPIRY", "LinePlanner"]
+
+# A run or session is over once it stops calling: its never-resetting counters may be pruned
+# this long after its last charge, so per-run budgets do not grow the ledger forever.
+RUN_IDLE_EXPIRY = 7 * 86400.0
+_PATH_MEMORY = 4096  # validated scope paths remembered (forgotten all at once past this)
+_IDLE_EXPIRY_STEP = 60.0  # the idle expiry of run:/session: lines moves on in steps this long
+_EPHEMERAL_KINDS = ("run:", "session:")
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """What a line of one scope and window needs besides the time: key, limits, budgets."""
+
+    key: str
+    window: str
+    limits: Limits
+    names: tuple[str | None, ...]
+    budgets: tuple[Budget, ...]
+
+
+class _LRU(OrderedDict[Any, Any]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.lock = threading.Lock()
+
+    def get_or(self, key: Any, make: Callable[[], Any]) -> Any:
+        with self.lock:
+            if key in self:
+                self.move_to_end(key)
+                return self[key]
+        value = make()
+        with self.lock:
+            self[key] = value
+            if len(self) > self.size:
+                self.popitem(last=False)
+        return value
+
+    def get_fresh(self, key: Any, now: float) -> Any:
+        """The value stored with a validity range ``(lo, hi, value)`` if ``now`` is in it."""
+        with self.lock:
+            entry = self.get(key)
+            if entry is None or not entry[0] <= now < entry[1]:
+                return None
+            self.move_to_end(key)
+            return entry[2]
+
+    def put(self, key: Any, value: Any) -> None:
+        with self.lock:
+            self[key] = value
+            self.move_to_end(key)
+            if len(self) > self.size:
+                self.popitem(last=False)
+
+
+class LinePlanner:
+    """Scope paths and ledger lines for a policy's budgets.
+
+    Args:
+        budgets: the compiled budgets of the policy.
+        tz: the timezone calendar windows follow.
+    """
+
+    def __init__(self, budgets: Sequence[Budget], tz: ZoneInfo) -> None:
+        self.budgets = list(budgets)
+        self.tz = tz
+        self._scope_templates = _LRU(16384)
+        self._slots: dict[str, tuple[Slot, float, float]] = {}
+        self._path_lines = _LRU(4096)
+        self._paths: dict[tuple[Any, ...], tuple[str, ...]] = {}
+
+    def scope_path(self, scopes: Iterable[str]) -> tuple[str, ...]:
+        """``global`` plus the given scopes, in order, without repeats.
+
+        Each scope is checked by :func:`~tb_plugins.core.scopes.normalize_scope`: whitespace
+        around it is dropped; an unknown kind, a control character or an over-long name is
+        refused.
+
+        Raises:
+            ValueError: a scope is not ``kind:name`` of a known kind, or not printable text.
+        """
+        given = scopes if type(scopes) is tuple else tuple(scopes)
+        try:
+            known: tuple[str, ...] | None = self._paths.get(given)
+        except TypeError:  # something unhashable: not a scope name
+            return _scope_path(given)
+        if known is None:
+            known = self._paths[given] = _scope_path(given)
+            if len(self._paths) > _PATH_MEMORY:
+                self._paths.clear()
+        return known
+
+    def lines(self, path: Sequence[str], now: float, *, cache: bool = True) -> tuple[LinePlan, ...]:
+        """The lines a call on ``path`` charges now (a call's path is reused while none of
+        its windows moves on)."""
+        if cache:
+            lines: tuple[LinePlan, ...] | None = self._path_lines.get_fresh(path, now)
+            if lines is not None:
+                return lines
+        lo, hi = float("-inf"), float("inf")
+        out: list[LinePlan] = []
+        for scope in path:
+            ephemeral = scope.startswith(_EPHEMERAL_KINDS)
+            for t in self._templates(scope):
+                slot, start, end = self.slot(t.budgets[0], now)
+                lo, hi = max(lo, start), min(hi, end)
+                expires_at = slot.expires_at
+                if expires_at is None and ephemeral:
+                    expires_at = now + RUN_IDLE_EXPIRY
+                    hi = min(hi, now + _IDLE_EXPIRY_STEP)
+                line = Line(
+                    key=t.key,
+                    scope=scope,
+                    window=t.window,
+                    bucket=slot.bucket,
+                    span=slot.span,
+                    width=slot.width,
+                    limits=t.limits,
+                    expires_at=expires_at,
+                )
+                out.append(LinePlan.of(line, t.budgets, t.names, slot.resets_at))
+        lines = tuple(out)
+        if cache:
+            self._path_lines.put(path, (lo, hi, lines))
+        return lines
+
+    def settle_line(self, lp: LinePlan, now: float) -> Line:
+        """The line a settle at ``now`` charges: the one reserved, except that a rolling
+        window's spend lands in the bucket of ``now`` (so a call longer than the window is
+        still counted in it)."""
+        line = lp.line
+        if not line.width or not lp.budgets:
+            return line
+        slot = self.slot(lp.budgets[0], now)[0]
+        if slot.bucket == line.bucket:
+            return line
+        return replace(line, bucket=slot.bucket, span=slot.span, expires_at=slot.expires_at)
+
+    def status_lines(
+        self, scope: str | None, known: Iterable[str], now: float
+    ) -> tuple[LinePlan, ...]:
+        """The lines ``status`` reads: of ``scope``, or of every concrete budget scope and
+        every scope in ``known`` (the ledger's) that a budget matches."""
+        if scope is not None:
+            return self.lines([scope], now, cache=False)
+        scopes: list[str] = []
+        for b in self.budgets:
+            if not b.is_pattern and b.pattern not in scopes:
+                scopes.append(b.pattern)
+        for s in known:
+            if s not in scopes and any(b.matches(s) for b in self.budgets):
+                scopes.append(s)
+        return self.lines(scopes, now, cache=False)
+
+    def slot(self, budget: Budget, now: float) -> tuple[Slot, float, float]:
+        """The window slot for ``now`` and the range of instants it holds for (reused until
+        the bucket changes)."""
+        cached = self._slots.get(budget.window.spec)
+        if cached is not None and cached[1] <= now < cached[2]:
+            return cached
+        slot = budget.window.slot(now, self.tz)
+        if slot.width:  # rolling: the bucket moves every `width` seconds
+            valid = (float(slot.bucket), float(slot.bucket + slot.width))
+        elif slot.resets_at is None:  # total
+            valid = (float("-inf"), float("inf"))
+        else:
+            valid = (slot.start, slot.resets_at)
+        entry = self._slots[budget.window.spec] = (slot, *valid)
+        return entry
+
+    def _templates(self, scope: str) -> tuple[_Template, ...]:
+        """Per scope: one entry per window with its storage key and merged limits (cached)."""
+
+        def build() -> tuple[_Template, ...]:
+            by_window: dict[str, list[Budget]] = {}
+            for b in self.budgets:
+                if b.matches(scope):
+                    by_window.setdefault(b.window.spec, []).append(b)
+            out = []
+            for spec, budgets in by_window.items():
+                limits: list[int | None] = [None] * len(UNITS)
+                names: list[str | None] = [None] * len(UNITS)
+                for b in budgets:
+                    for u, lim in enumerate(b.limits):
+                        current = limits[u]
+                        if lim is not None and (current is None or lim < current):
+                            limits[u], names[u] = lim, b.name
+                merged: Limits = (limits[0], limits[1], limits[2], limits[3], limits[4], limits[5])
+                out.append(
+                    _Template(line_key(scope, spec), spec, merged, tuple(names), tuple(budgets))
+                )
+            return tuple(out)
+
+        return self._scope_templates.get_or(scope, build)  # type: ignore[no-any-return]
+
+
+def _scope_path(scopes: tuple[Any, ...]) -> tuple[str, ...]:
+    path = ["global"]
+    seen = {"global"}
+    for given in scopes:
+        s = normalize_scope(given)
+        if s in seen:
+            continue
+        seen.add(s)
+        path.append(s)
+    return tuple(path)
