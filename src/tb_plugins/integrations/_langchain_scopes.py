@@ -13,7 +13,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from langchain.agents.middleware import ExtendedModelResponse, ModelResponse
 from langchain_core.language_models import BaseChatModel
@@ -29,7 +29,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from tb_plugins.core.usage import Usage
-from tb_plugins.guard import BudgetGuard, Decision
+from tb_plugins.engine.held import Cost, afinish, finish
 
 __all__ = [
     "OUTPUT_CAP_KEYS",
@@ -57,8 +57,6 @@ __all__ = [
 
 logger = logging.getLogger("tb_plugins")
 
-Cost = Usage | None | Literal[False]
-"""How to close a reservation: its usage, None (charge the estimate), False (release it)."""
 
 # Output-cap parameter names by provider; the first one a model declares is the one bound.
 _MAX_TOKENS_FIELDS = ("max_tokens", "max_output_tokens", "max_new_tokens", "num_predict")
@@ -312,28 +310,6 @@ def failure_cost(
     if partial is not None or not isinstance(exc, Exception) or partial_output(result):
         return None
     return False
-
-
-def finish(guard: BudgetGuard, decision: Decision, cost: Cost) -> None:
-    """Settle (usage, or the estimate for None) or release (False); never raises."""
-    try:
-        if cost is False:
-            guard.release(decision)
-        else:
-            guard.settle(decision, cost)
-    except Exception:  # accounting must never break the host app
-        logger.exception("tb_plugins: closing reservation %s failed", decision.reservation_id)
-
-
-async def afinish(guard: BudgetGuard, decision: Decision, cost: Cost) -> None:
-    """Async :func:`finish`."""
-    try:
-        if cost is False:
-            await guard.arelease(decision)
-        else:
-            await guard.asettle(decision, cost)
-    except Exception:
-        logger.exception("tb_plugins: closing reservation %s failed", decision.reservation_id)
 
 
 def response_usage(response: Any, model: str) -> Usage | None:

@@ -68,6 +68,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'tb-plugins[langchain]'"
     ) from exc
 
+from tb_plugins.engine import BudgetGuard, Decision
+from tb_plugins.engine.held import HeldCalls
 from tb_plugins.errors import (
     BudgetExceeded,
     BudgetRefused,
@@ -75,7 +77,6 @@ from tb_plugins.errors import (
     RequestTooLarge,
     UnpricedModel,
 )
-from tb_plugins.guard import BudgetGuard, Decision
 from tb_plugins.integrations import _langchain_scopes as lc
 
 __all__ = [
@@ -202,7 +203,7 @@ class TokenBudgetCallbackHandler(BaseCallbackHandler):
         self._lock = threading.Lock()
         self._root_of: dict[UUID, UUID] = {}
         self._roots: dict[UUID, _Root] = {}
-        self._holds: dict[UUID, tuple[Decision, UUID]] = {}
+        self._holds: HeldCalls[UUID] = HeldCalls()
         self._scoped = False  # made by budget_scope()
 
     def __repr__(self) -> str:
@@ -242,9 +243,9 @@ class TokenBudgetCallbackHandler(BaseCallbackHandler):
             for member in r.members:
                 self._root_of.pop(member, None)
             for held in r.holds:
-                hold = self._holds.pop(held, None)
+                hold = self._holds.take(held)
                 if hold is not None:
-                    orphans.append(hold[0])
+                    orphans.append(hold)
         for decision in orphans:  # the run ended under a model call that never finished
             lc.finish(self.guard, decision, None)
 
@@ -300,20 +301,21 @@ class TokenBudgetCallbackHandler(BaseCallbackHandler):
             self._leave(run_id)
             raise
         with self._lock:
-            self._holds[run_id] = (decision, root)
+            self._holds.hold(run_id, decision)
             r = self._roots.get(root)
             if r is not None:
                 r.holds.add(run_id)
 
     def _pop_hold(self, run_id: UUID) -> Decision | None:
         with self._lock:
-            hold = self._holds.pop(run_id, None)
-            if hold is not None:
-                r = self._roots.get(hold[1])
+            hold = self._holds.take(run_id)
+            root = self._root_of.get(run_id)
+            if hold is not None and root is not None:
+                r = self._roots.get(root)
                 if r is not None:
                     r.holds.discard(run_id)
         self._leave(run_id)
-        return None if hold is None else hold[0]
+        return hold
 
     def on_chat_model_start(
         self,

@@ -46,8 +46,9 @@ from typing import TYPE_CHECKING, Any
 from litellm.integrations.custom_logger import CustomLogger
 
 from tb_plugins.core.usage import Usage, check_count
+from tb_plugins.engine import BudgetGuard, Decision
+from tb_plugins.engine.held import HeldCalls, afinish
 from tb_plugins.errors import BudgetRefused
-from tb_plugins.guard import BudgetGuard, Decision
 
 if TYPE_CHECKING:
     from litellm.router import Router
@@ -335,7 +336,7 @@ class TokenBudgetLogger(CustomLogger):
         self.guard = guard
         self.scopes = tuple(scopes)
         self.router = router
-        self._holds: dict[str, Decision] = {}
+        self._holds: HeldCalls[str] = HeldCalls()
 
     @property
     def holds(self) -> int:
@@ -380,10 +381,8 @@ class TokenBudgetLogger(CustomLogger):
         apply_decision(kwargs, view, decision)
         if view.api in ("completion", "text_completion"):
             ask_stream_usage(kwargs)
-        old = self._holds.pop(call_id, None)
-        if old is not None:  # a caller reused a call id: the earlier hold is orphaned
-            await self.guard.arelease(old)
-        self._holds[call_id] = decision
+        # A caller reusing a call id in flight would orphan the earlier hold: return it.
+        await afinish(self.guard, self._holds.hold(call_id, decision), False)
         return kwargs
 
     async def _check(
@@ -448,26 +447,21 @@ class TokenBudgetLogger(CustomLogger):
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         """Settle the call's hold with the usage LiteLLM reports."""
-        call_id = str(kwargs.get("litellm_call_id"))
-        decision = self._holds.get(call_id)
+        decision = self._holds.take(str(kwargs.get("litellm_call_id")))
         if decision is None:
             return
         try:
-            await self.guard.asettle(decision, usage_of(response_obj, kwargs))
-        except Exception:  # accounting must never break the caller's call
-            logger.exception("tb_plugins: settling %s failed", decision.reservation_id)
-        finally:
-            self._holds.pop(call_id, None)
+            usage = usage_of(response_obj, kwargs)
+        except Exception:  # charge the estimate rather than nothing
+            logger.exception("tb_plugins: reading the usage of %s failed", decision.reservation_id)
+            usage = None
+        await afinish(self.guard, decision, usage)
 
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         """Release the hold of a call that failed."""
-        call_id = str(kwargs.get("litellm_call_id"))
-        decision = self._holds.get(call_id)
-        if decision is not None:
-            await self.guard.arelease(decision)
-            self._holds.pop(call_id, None)
+        await afinish(self.guard, self._holds.take(str(kwargs.get("litellm_call_id"))), False)
 
 
 def guarded_completion(

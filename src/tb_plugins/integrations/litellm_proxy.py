@@ -77,8 +77,9 @@ from litellm.integrations.custom_logger import CustomLogger
 from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 
 from tb_plugins.core.scopes import normalize_scope
+from tb_plugins.engine import BudgetGuard, Decision
+from tb_plugins.engine.held import HeldCalls, afinish
 from tb_plugins.errors import BudgetRefused, ConfigError, LedgerUnavailable
-from tb_plugins.guard import BudgetGuard, Decision
 from tb_plugins.integrations.litellm import apply_decision, request_view, usage_of
 
 __all__ = [
@@ -360,9 +361,9 @@ class TokenBudgetProxyHandler(CustomLogger):
         super().__init__()
         self._guard = guard
         self.disconnect_grace = disconnect_grace
-        self._holds: dict[str, Decision] = {}
+        self._holds: HeldCalls[str] = HeldCalls()
         self._headers: OrderedDict[str, dict[str, str]] = OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[bool]] = set()
 
     @property
     def guard(self) -> BudgetGuard:
@@ -424,7 +425,7 @@ class TokenBudgetProxyHandler(CustomLogger):
             data["model"] = decision.model
         apply_decision(data, view, decision)
         token = secrets.token_hex(16)
-        self._holds[token] = decision
+        self._holds.hold(token, decision)
         self._remember(token, decision_headers(decision))
         _carry_hold_token(data, token)
         return data
@@ -446,7 +447,7 @@ class TokenBudgetProxyHandler(CustomLogger):
     ) -> None:
         """Settle the hold with the usage the upstream reported."""
         token = _hold_token(kwargs.get("litellm_params")) or _hold_token(kwargs)
-        decision = None if token is None else self._holds.pop(token, None)
+        decision = None if token is None else self._holds.take(token)
         if decision is None:
             return
         try:
@@ -454,10 +455,7 @@ class TokenBudgetProxyHandler(CustomLogger):
         except Exception:  # charge the estimate rather than nothing
             logger.exception("tb_plugins: reading the usage of %s failed", decision.reservation_id)
             usage = None
-        try:
-            await self.guard.asettle(decision, usage)
-        except Exception:  # accounting must never break the proxy
-            logger.exception("tb_plugins: settling %s failed", decision.reservation_id)
+        await afinish(self.guard, decision, usage)
 
     async def async_post_call_failure_hook(
         self,
@@ -469,9 +467,7 @@ class TokenBudgetProxyHandler(CustomLogger):
         """Release the hold of a request that failed (none if it was refused or never
         budgeted: such a request carries no token)."""
         token = _hold_token(request_data)
-        decision = None if token is None else self._holds.pop(token, None)
-        if decision is not None:
-            await self.guard.arelease(decision)
+        await afinish(self.guard, None if token is None else self._holds.take(token), False)
         return None
 
     async def async_post_call_streaming_iterator_hook(
@@ -490,13 +486,10 @@ class TokenBudgetProxyHandler(CustomLogger):
                 yield item
             finished = True
         except Exception:
-            decision = self._holds.pop(token, None) if begun and token is not None else None
+            decision = self._holds.take(token) if begun and token is not None else None
             if decision is not None:
                 logger.warning("tb_plugins: stream %s failed mid-way", decision.reservation_id)
-                try:
-                    await self.guard.asettle(decision, None)
-                except Exception:  # keep the stream's own error
-                    logger.exception("tb_plugins: settling %s failed", decision.reservation_id)
+                await afinish(self.guard, decision, None)  # the stream's own error goes on
             raise
         finally:
             if not finished and token is not None and token in self._holds:
@@ -505,9 +498,9 @@ class TokenBudgetProxyHandler(CustomLogger):
                 )
 
     def _release_if_held(self, token: str) -> None:
-        decision = self._holds.pop(token, None)
+        decision = self._holds.take(token)
         if decision is not None:
-            task = asyncio.ensure_future(self.guard.arelease(decision))
+            task = asyncio.ensure_future(afinish(self.guard, decision, False))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
