@@ -14,7 +14,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tb_plugins import BudgetGuard, Usage
-from tb_plugins.cli import build_parser, main, parse_since
+from tb_plugins._format import redact_url
+from tb_plugins.cli import build_parser, by_bare_model, main, package_version, parse_since
+from tb_plugins.core.models import bare_model
 
 POLICY = """
 ledger: sqlite:///{db}
@@ -265,3 +267,177 @@ def test_error_messages_escape_control_characters(
     assert main(["budgets", "check", str(tmp_path / "x\x1b[2J.yaml")]) == 1
     err = capsys.readouterr().err
     assert raw_controls(err) == [] and "x\\x1b[2J.yaml" in err
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`tb --version` prints `tb` and the installed distribution's version, and exits 0."""
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tb {importlib.metadata.version('tb-plugins')}"
+
+
+def test_version_falls_back_to_the_package_constant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without installed metadata (running from a source tree), the version is
+    `tb_plugins.__version__`."""
+    import importlib.metadata
+
+    import tb_plugins
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert package_version() == tb_plugins.__version__
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "{policy}", "status", "--json"],
+        ["status", "--config", "{policy}", "--json"],
+        ["status", "--json", "--config", "{policy}"],
+        ["--config", "{other}", "status", "--config", "{policy}", "--json"],
+    ],
+    ids=["before", "after", "last", "after-wins"],
+)
+def test_config_may_come_before_or_after_the_command(
+    policy: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+) -> None:
+    """`--config FILE` works before and after `tb status`; given in both places the later
+    wins, and either beats $TB_PLUGINS_CONFIG."""
+    monkeypatch.setenv("TB_PLUGINS_CONFIG", str(tmp_path / "absent.yaml"))
+    names = {"policy": str(policy), "other": str(tmp_path / "other.yaml")}
+    assert main([a.format(**names) for a in argv]) == 0
+    assert {r["scope"] for r in json.loads(capsys.readouterr().out)} >= {"team:search"}
+
+
+def test_config_after_report_and_the_default_file(
+    policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tb report --config FILE` reads FILE; with no --config and no $TB_PLUGINS_CONFIG,
+    `tb report` reads ./budgets.yaml."""
+    assert main(["report", "--config", str(policy), "--json"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    monkeypatch.delenv("TB_PLUGINS_CONFIG", raising=False)
+    monkeypatch.chdir(policy.parent)
+    assert policy.name == "budgets.yaml"
+    assert main(["report", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == after
+    assert {r["scope"] for r in after} >= {"global", "team:search"}
+
+
+def test_report_by_model_merges_provider_prefixed_names(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tb report --by model` counts `openai/gpt-4o` and `gpt-4o` as one model, `gpt-4o`,
+    with requests, tokens and dollars summed; other models keep rows of their own."""
+    guard = BudgetGuard.from_config(policy)
+    for model in ("openai/gpt-4o", "openai/gpt-4o-mini"):
+        d = guard.check(
+            model=model,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=10,
+            scopes=["team:search", "user:ann"],
+        )
+        guard.settle(d, Usage(50, 5))
+    guard.close()
+    assert main(["--config", str(policy), "report", "--by", "model", "--json"]) == 0
+    rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)}
+    assert list(rows) == ["gpt-4o", "gpt-4o-mini"]
+    assert rows["gpt-4o"]["requests"] == 3 and rows["gpt-4o"]["tokens"] == 1700 + 55
+    assert rows["gpt-4o"]["input_tokens"] == 300 + 1200 + 50
+    assert rows["gpt-4o-mini"]["requests"] == 1 and rows["gpt-4o-mini"]["tokens"] == 55
+    assert main(["--config", str(policy), "report", "--by", "model"]) == 0
+    table = capsys.readouterr().out
+    assert "openai/" not in table and table.count("gpt-4o ") == 1
+
+
+def test_by_bare_model_sums_every_count() -> None:
+    """Rows whose names differ only by a provider prefix become one row with every count
+    summed, sorted by the bare name."""
+    from tb_plugins.core.usage import UsageRow
+
+    merged = by_bare_model(
+        [
+            UsageRow("gpt-4o", 1, 0, 10, 2, 1, 0.5),
+            UsageRow("azure/o3", 1, 1, 0, 0, 0, 0.0),
+            UsageRow("openai/gpt-4o", 2, 1, 20, 4, 3, 0.25),
+        ]
+    )
+    assert merged == [
+        UsageRow("gpt-4o", 3, 1, 30, 6, 4, 0.75),
+        UsageRow("o3", 1, 1, 0, 0, 0, 0.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "bare"),
+    [
+        ("gpt-4o", "gpt-4o"),
+        ("openai/gpt-4o", "gpt-4o"),
+        ("anthropic/claude-sonnet-4", "claude-sonnet-4"),
+        ("openrouter/openai/gpt-4o", "openai/gpt-4o"),
+        ("/gpt-4o", "/gpt-4o"),
+        ("openai/", "openai/"),
+        ("", ""),
+    ],
+)
+def test_bare_model_strips_one_provider_segment(name: str, bare: str) -> None:
+    """`bare_model` drops one leading `provider/` and leaves anything else as it is."""
+    assert bare_model(name) == bare
+
+
+@pytest.mark.parametrize(
+    "module", ["tb_plugins.core.models", "tb_plugins._format", "tb_plugins.demo"]
+)
+def test_doctests(module: str) -> None:
+    """The examples in the docstrings of the naming rule, the text helpers and the demo's
+    step line hold."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:secret@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:se/cr@et@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("rediss://:secret@h:6380/0", "rediss://:***@h:6380/0"),
+        (
+            "postgresql://u@h/db?sslmode=require&password=secret",
+            "postgresql://u@h/db?sslmode=require&password=***",
+        ),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("sqlite:///tmp/a:b@c.db", "sqlite:///tmp/a:b@c.db"),
+        ("memory://", "memory://"),
+    ],
+)
+def test_redact_url_hides_passwords_only(url: str, shown: str) -> None:
+    """A ledger URL is shown with its password as `***` (in the user info or a `password=`
+    parameter), and otherwise unchanged."""
+    assert redact_url(url) == shown
+
+
+def test_budgets_check_hides_the_ledger_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tb budgets check` names the policy's ledger without its password."""
+    path = tmp_path / "budgets.yaml"
+    path.write_text(
+        "ledger: postgresql://tb:s3cret-pw@db.internal:5432/budgets\n"
+        "budgets:\n  - {scope: team:a, tokens: 5, window: day}\n"
+    )
+    assert main(["budgets", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ledger postgresql://tb:***@db.internal:5432/budgets)" in out
+    assert "s3cret" not in out

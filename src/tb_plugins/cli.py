@@ -1,7 +1,9 @@
 """The ``tb`` command: status, reports, policy checks, and the offline demo.
 
-Every command reads the policy named by ``--config`` or ``$TB_PLUGINS_CONFIG`` (default
-``budgets.yaml``) and the ledger that policy names. Output is a table, or ``--json`` / ``--csv``.
+``tb status`` and ``tb report`` read the policy named by ``--config FILE`` (before or after
+the command: ``tb --config b.yaml status`` or ``tb status --config b.yaml``) or
+``$TB_PLUGINS_CONFIG`` (default ``./budgets.yaml``) and the ledger that policy names. Output is
+a table, or ``--json`` / ``--csv``. ``tb --version`` prints the package's version.
 
 Scope and model names are whatever the application sent, so nothing from the ledger reaches
 the terminal raw: tables, CSV and error messages write control characters as ``\\xNN``
@@ -12,56 +14,28 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.metadata
 import io
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tb_plugins._format import fmt_amount, fmt_time, redact_url, table
+from tb_plugins.core.models import bare_model
 from tb_plugins.core.scopes import escape_text
 from tb_plugins.errors import ConfigError, TokenBudgetError
+
+if TYPE_CHECKING:
+    from tb_plugins.core.usage import UsageRow
 
 __all__ = ["main"]
 
 DEFAULT_CONFIG = "budgets.yaml"
-
-
-def _fmt_time(ts: float | None) -> str:
-    if ts is None:
-        return "never"
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _fmt_num(unit: str, value: float) -> str:
-    if unit == "usd":
-        return f"${value:,.4f}"
-    return f"{value:,.0f}"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain text table with aligned columns; control characters in cells are escaped."""
-    cells = [[escape_text(str(h)) for h in headers]] + [
-        [escape_text(str(c)) for c in r] for r in rows
-    ]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for n, r in enumerate(cells):
-        lines.append(
-            "  ".join(
-                c.rjust(w) if n and _numeric(c) else c.ljust(w)
-                for c, w in zip(r, widths, strict=True)
-            ).rstrip()
-        )
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _numeric(text: str) -> bool:
-    return bool(text) and (text[0].isdigit() or text[0] == "$") and not text.endswith("UTC")
 
 
 def emit(
@@ -97,6 +71,29 @@ def output_options(parser: argparse.ArgumentParser, *, csv_too: bool = True) -> 
     group.add_argument("--json", action="store_true", help="print JSON")
     if csv_too:
         group.add_argument("--csv", action="store_true", help="print CSV")
+
+
+def config_option(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
+    """Add ``--config FILE``, to ``tb`` itself and to every command that reads the policy, so
+    it may stand before or after the command. After the command it sets nothing unless given
+    (``SUPPRESS``), so it does not undo one given before; given in both places, the later wins.
+    """
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS if after_command else None,
+        help=f"policy file (default: $TB_PLUGINS_CONFIG or {DEFAULT_CONFIG})",
+    )
+
+
+def package_version() -> str:
+    """The installed distribution's version, or the package's own when not installed."""
+    try:
+        return importlib.metadata.version("tb-plugins")
+    except importlib.metadata.PackageNotFoundError:
+        from tb_plugins import __version__
+
+        return __version__
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -150,11 +147,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                 s.budget,
                 s.window,
                 s.unit,
-                _fmt_num(s.unit, s.spent),
-                _fmt_num(s.unit, s.reserved),
-                _fmt_num(s.unit, s.limit),
+                fmt_amount(s.unit, s.spent),
+                fmt_amount(s.unit, s.reserved),
+                fmt_amount(s.unit, s.limit),
                 f"{s.utilization:.0%}",
-                _fmt_time(s.resets_at),
+                fmt_time(s.resets_at),
             ]
             for s in rows
         ],
@@ -164,7 +161,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Show totals from the usage log, grouped by scope, model or day."""
+    """Show totals from the usage log, grouped by scope, model or day. Models are grouped
+    by their bare name: ``openai/gpt-4o`` and ``gpt-4o`` are one row."""
     guard = _guard(args)
     since = parse_since(args.since) if args.since else None
     until = parse_since(args.until) if args.until else None
@@ -172,6 +170,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         rows = guard.usage(since=since, until=until, group_by=args.by, scope=args.scope)
     finally:
         guard.ledger.close()
+    if args.by == "model":
+        rows = by_bare_model(rows)
     emit(
         args,
         [args.by, "requests", "denied", "input", "output", "cached", "tokens", "usd"],
@@ -203,6 +203,26 @@ def cmd_report(args: argparse.Namespace) -> int:
         ],
     )
     return 0
+
+
+def by_bare_model(rows: Sequence[UsageRow]) -> list[UsageRow]:
+    """Report rows by model merged under the bare model name (``openai/gpt-4o`` and
+    ``gpt-4o`` are one row, see :func:`~tb_plugins.core.models.bare_model`): every count
+    summed, rows sorted by name."""
+    merged: dict[str, UsageRow] = {}
+    for row in rows:
+        key = bare_model(row.key)
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = replace(row, key=key)
+        else:
+            sums = {
+                f.name: getattr(seen, f.name) + getattr(row, f.name)
+                for f in fields(row)
+                if f.name != "key"
+            }
+            merged[key] = replace(seen, **sums)
+    return sorted(merged.values(), key=lambda r: r.key)
 
 
 def cmd_budgets_check(args: argparse.Namespace) -> int:
@@ -237,7 +257,8 @@ def cmd_budgets_check(args: argparse.Namespace) -> int:
         ],
     )
     if not args.json:
-        print(escape_text(f"{args.file}: ok ({len(budgets)} budgets, ledger {policy.ledger})"))
+        ledger = redact_url(policy.ledger)
+        print(escape_text(f"{args.file}: ok ({len(budgets)} budgets, ledger {ledger})"))
     return 0
 
 
@@ -268,15 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tb", description="Token budgets for LLM applications: status, reports, demo."
     )
-    parser.add_argument(
-        "--config", help="policy file (default: $TB_PLUGINS_CONFIG or budgets.yaml)"
-    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    config_option(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
         "status", help="spend, holds and limits of every budget now", description=cmd_status.__doc__
     )
     p.add_argument("--scope", help="only this scope, e.g. team:search")
+    config_option(p, after_command=True)
     output_options(p)
     p.set_defaults(func=cmd_status)
 
@@ -289,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--by", choices=["scope", "model", "day"], default="scope", help="group by (default: scope)"
     )
     p.add_argument("--scope", help="only calls charged to this scope")
+    config_option(p, after_command=True)
     output_options(p)
     p.set_defaults(func=cmd_report)
 

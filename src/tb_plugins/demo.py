@@ -17,12 +17,15 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tb_plugins._format import fmt_amount, hanging, table
 
 __all__ = ["DemoReport", "run_demo"]
 
@@ -95,14 +98,12 @@ class _Narrator:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.console: Any = None
+        self.width = shutil.get_terminal_size((120, 24)).columns
         if not quiet:
             with contextlib.suppress(ImportError):
-                import shutil
-
                 from rich.console import Console
 
-                width = shutil.get_terminal_size((120, 24)).columns
-                self.console = Console(highlight=False, width=width)
+                self.console = Console(highlight=False, width=self.width)
 
     def say(self, text: str, style: str = "") -> None:
         if self.quiet:
@@ -133,6 +134,23 @@ _STYLE = {
     "deny": "bold red",
     "cutoff": "bold magenta",
 }
+
+
+def step_line(
+    decision: str, model: str | None, max_tokens: int | None, note: str, width: int
+) -> str:
+    """One step as the demo prints it: the decision, the model that served the call with its
+    ``max_tokens``, and the note wrapped under itself to ``width`` columns, never cut.
+
+    ``model`` is None for a call that reached no model (refused, or cut off): it shows ``-``,
+    not the model the call asked for.
+
+    Example:
+        >>> step_line("deny", None, None, "budget 'team:a 5 tokens/day' is spent", 80)
+        "  → deny      -                                budget 'team:a 5 tokens/day' is spent"
+    """
+    shown = "-" if model is None else model + (f", max_tokens={max_tokens}" if max_tokens else "")
+    return hanging(f"  → {decision:<9} {shown:<32} ", note, width)
 
 
 def run_demo(workdir: str | Path | None = None, *, quiet: bool = False) -> DemoReport:
@@ -186,7 +204,7 @@ async def _demo(work: Path, out: _Narrator) -> DemoReport:
         if kind == "alert":
             a = data["alert"]
             report.alerts.append(a.to_dict())
-            out.say(f"  ⚠ alert: {a.message}", "bold yellow")
+            out.say(hanging("  ⚠ alert: ", a.message, out.width), "bold yellow")
 
     guard.listeners.append(on_event)
 
@@ -203,9 +221,7 @@ async def _demo(work: Path, out: _Narrator) -> DemoReport:
                 "note": note,
             }
         )
-        shown = f"{model}" + (f", max_tokens={max_tokens}" if max_tokens else "")
-        note = note if len(note) <= 120 else note[:119] + "…"
-        out.say(f"  → {decision:<9} {shown:<32} {note}", _STYLE.get(decision, ""))
+        out.say(step_line(decision, model, max_tokens, note, out.width), _STYLE.get(decision, ""))
 
     async def litellm_call(step: str, max_tokens: int, model: str = "gpt-4o") -> None:
         from tb_plugins.errors import BudgetRefused
@@ -342,25 +358,24 @@ async def _agent_run(
     last = str(result["messages"][-1].content)
     for kind, data in events:
         if kind == "decision":
-            s = next(served, None)
+            s = next(served, None)  # None: the call never reached the model
             note = "agent step; " + ("; ".join(data.reasons) or "fits the budget")
             record(
                 "agent",
                 "langchain",
                 data.action,
-                s.model if s else data.model,
-                s.max_tokens if s else data.max_tokens,
+                s.model if s else None,
+                s.max_tokens if s else None,
                 note,
             )
         else:
             k = "cutoff" if isinstance(data, LoopLimitExceeded) else "deny"
-            record(k, "langchain", k, None, None, f"the agent ended with: {last[:100]}")
+            record(k, "langchain", k, None, None, f"the agent ended with: {last}")
 
 
 def _final_tables(out: _Narrator, guard: Any, report: DemoReport, policy_path: Path) -> None:
     if out.quiet:
         return
-    from tb_plugins.cli import table
 
     def short(scope: str) -> str:
         return scope[:14] + "…" if scope.startswith("run:") else scope
@@ -375,9 +390,9 @@ def _final_tables(out: _Narrator, guard: Any, report: DemoReport, policy_path: P
                     short(s["scope"]),
                     s["budget"],
                     s["unit"],
-                    f"{s['spent']:,.0f}",
-                    f"{s['reserved']:,.0f}",
-                    f"{s['limit']:,.0f}",
+                    fmt_amount(s["unit"], s["spent"]),
+                    fmt_amount(s["unit"], s["reserved"]),
+                    fmt_amount(s["unit"], s["limit"]),
                     f"{s['utilization']:.0%}",
                 ]
                 for s in report.status

@@ -1,0 +1,118 @@
+"""Text for people: tables, amounts, times, wrapped reasons and ledger URLs without passwords.
+
+Shared by the ``tb`` command and ``tb demo``. Nothing here reads a ledger or a policy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from tb_plugins.core.scopes import escape_text
+
+__all__ = ["fmt_amount", "fmt_time", "hanging", "redact_url", "table", "wrap"]
+
+
+def fmt_time(ts: float | None) -> str:
+    """An epoch time as ``2026-11-01 08:00 UTC``, or ``never``."""
+    if ts is None:
+        return "never"
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def fmt_amount(unit: str, value: float) -> str:
+    """An amount of ``unit``: dollars as ``$1.2345``, anything else as ``1,234``."""
+    if unit == "usd":
+        return f"${value:,.4f}"
+    return f"{value:,.0f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table with aligned columns; control characters in cells are escaped."""
+    cells = [[escape_text(str(h)) for h in headers]] + [
+        [escape_text(str(c)) for c in r] for r in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append(
+            "  ".join(
+                c.rjust(w) if n and _numeric(c) else c.ljust(w)
+                for c, w in zip(r, widths, strict=True)
+            ).rstrip()
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _numeric(text: str) -> bool:
+    return bool(text) and (text[0].isdigit() or text[0] == "$") and not text.endswith("UTC")
+
+
+# A word, where a quoted name counts as part of the word it stands in, spaces and all.
+_WORD = re.compile(r"""(?:'[^']*'|"[^"]*"|\S)+""")
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, broken only between words.
+
+    A number, a quoted name (``'team:demo 450 tokens/day'``) and any other word stay whole:
+    one longer than ``width`` gets a line of its own rather than being cut.
+
+    Example:
+        >>> wrap("budget 'team:demo 450 tokens/day' is exhausted: 450 of 450 used", 30)
+        ['budget', "'team:demo 450 tokens/day' is", 'exhausted: 450 of 450 used']
+    """
+    lines: list[str] = []
+    line = ""
+    for word in _WORD.findall(text):
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    if line or not lines:
+        lines.append(line)
+    return lines
+
+
+def hanging(lead: str, text: str, width: int) -> str:
+    """``lead`` then ``text`` wrapped (:func:`wrap`) to ``width``, further lines indented by
+    as much as ``lead`` (at least 40 columns are left for ``text``).
+
+    Example:
+        >>> print(hanging("  deny ", "budget 'team:demo 450 tokens/day' is spent: 450 of 450", 50))
+          deny budget 'team:demo 450 tokens/day' is spent:
+               450 of 450
+    """
+    first, *rest = wrap(text, max(width - len(lead), 40))
+    return "\n".join([lead + first, *(" " * len(lead) + line for line in rest)])
+
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, written as ``***``: the one in the user info and a
+    ``password=`` query parameter.
+
+    Example:
+        >>> redact_url("postgresql://u:secret@h/db")
+        'postgresql://u:***@h/db'
+        >>> redact_url("redis://:secret@h:6379/0?password=secret")
+        'redis://:***@h:6379/0?password=***'
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    # The user info ends at the last "@" before the query: a password may hold an unescaped
+    # "/" or "@", and over-hiding beats printing part of a password.
+    end = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, end)
+    if at > 0 and not rest.startswith("/") and ":" in rest[:at]:
+        user = rest[:at].partition(":")[0]
+        rest = f"{user}:***{rest[at:]}"
+    return f"{scheme}://" + _QUERY_PASSWORD.sub(r"\1***", rest)
