@@ -95,7 +95,7 @@ def guard_for(url: str) -> Any:
     """A guard with a token counter of its own: a prompt another guard (or litellm) counted
     is still first seen here."""
     from tb_plugins import BudgetGuard
-    from tb_plugins.core.counting import TokenCounter
+    from tb_plugins.counting import TokenCounter
 
     return BudgetGuard.from_dict({**POLICY, "ledger": url}, tokenizer=TokenCounter())
 

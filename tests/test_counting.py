@@ -26,8 +26,15 @@ import pytest
 import tiktoken
 import tiktoken.registry
 
-from tb_plugins.core import _assets, counting
-from tb_plugins.core.counting import TokenCounter, Tokenizer, count_tokens, default_counter
+from tb_plugins.counting import (
+    TokenCounter,
+    Tokenizer,
+    _fast,
+    bpe_files,
+    count_tokens,
+    default_counter,
+    encoders,
+)
 from tb_plugins.warnings import ApproximateCountWarning
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -653,13 +660,13 @@ def test_constructor_rejects_bad_settings() -> None:
 def encode_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every text the tiktoken encoder counts while the test runs."""
     seen: list[str] = []
-    original = counting._TiktokenEncoder.count
+    original = encoders.TiktokenEncoder.count
 
-    def spy(self: counting._TiktokenEncoder, text: str) -> int:
+    def spy(self: encoders.TiktokenEncoder, text: str) -> int:
         seen.append(text)
         return original(self, text)
 
-    monkeypatch.setattr(counting._TiktokenEncoder, "count", spy)
+    monkeypatch.setattr(encoders.TiktokenEncoder, "count", spy)
     return seen
 
 
@@ -828,7 +835,7 @@ def test_importing_counting_and_pricing_loads_no_heavy_dependency() -> None:
     """The core modules import neither litellm, langchain, redis, psycopg nor tiktoken."""
     code = (
         "import sys, json\n"
-        "import tb_plugins.core.counting, tb_plugins.core.pricing\n"
+        "import tb_plugins.counting, tb_plugins.core.pricing\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
     )
     out = subprocess.run(
@@ -859,7 +866,7 @@ def test_counting_works_offline_without_tiktoken_cache_dir_in_a_fresh_process(
 
         socket.socket.connect = blocked
         socket.create_connection = blocked
-        from tb_plugins.core.counting import TokenCounter
+        from tb_plugins.counting import TokenCounter
 
         counter = TokenCounter()
         messages = [{"role": "user", "content": "Hello offline world"}]
@@ -897,7 +904,7 @@ def test_counting_works_with_network_blocked_in_process(
     monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(socket.socket, "connect", blocked)
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
-    monkeypatch.setattr(counting, "_LOADER", counting._EncodingLoader())
+    monkeypatch.setattr(encoders, "_LOADER", encoders.EncodingLoader())
     counter = TokenCounter()
     assert counter.count_messages("gpt-4o", AGENT_TURN) == expected
     assert counter.is_exact("gpt-4o")
@@ -909,9 +916,9 @@ def test_without_any_bpe_file_counts_are_approximate_and_warn_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """No local tokenizer file: one warning naming the fix, then byte-based estimates."""
-    monkeypatch.setattr(_assets, "tiktoken_bpe_file", lambda name: None)
+    monkeypatch.setattr(bpe_files, "tiktoken_bpe_file", lambda name: None)
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
-    monkeypatch.setattr(counting, "_LOADER", counting._EncodingLoader())
+    monkeypatch.setattr(encoders, "_LOADER", encoders.EncodingLoader())
     counter = TokenCounter()
     with pytest.warns(ApproximateCountWarning, match=r"tb-plugins\[litellm\]"):
         estimate = counter.count_messages("gpt-4o", AGENT_TURN)
@@ -927,14 +934,14 @@ def test_tiktoken_cache_dir_is_used_first_and_a_corrupt_file_there_is_skipped(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A verified file in TIKTOKEN_CACHE_DIR wins; one with the wrong hash is ignored."""
-    key = _assets.tiktoken_cache_key("cl100k_base")
+    key = bpe_files.tiktoken_cache_key("cl100k_base")
     assert key is not None
     bundled = litellm_tokenizers_dir() / key
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     (tmp_path / key).write_bytes(bundled.read_bytes())
-    assert _assets.tiktoken_bpe_file("cl100k_base") == tmp_path / key
+    assert bpe_files.tiktoken_bpe_file("cl100k_base") == tmp_path / key
     (tmp_path / key).write_bytes(b"corrupt")
-    assert _assets.tiktoken_bpe_file("cl100k_base") == bundled
+    assert bpe_files.tiktoken_bpe_file("cl100k_base") == bundled
 
 
 # ------------------------------------------------------------- the buffer counting path
@@ -953,17 +960,17 @@ BUFFER_TEXTS = [
 @pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
 @pytest.mark.parametrize("text", BUFFER_TEXTS, ids=range(len(BUFFER_TEXTS)))
 def test_the_buffer_counter_equals_encode_ordinary(name: str, text: str) -> None:
-    encoder = counting._LOADER.get(name)
-    assert isinstance(encoder, counting._TiktokenEncoder)
+    encoder = encoders.load(name)
+    assert isinstance(encoder, encoders.TiktokenEncoder)
     assert encoder._count is not None, "this tiktoken has the buffer API: it should be used"
-    expected = sum(len(encoder.encoding.encode_ordinary(c)) for c in counting._chunks(text))
+    expected = sum(len(encoder.encoding.encode_ordinary(c)) for c in encoders.chunks(text))
     assert encoder.count(text) == expected
 
 
 def test_lone_surrogates_fall_back_to_encode_ordinary() -> None:
     """tiktoken's buffer API refuses lone surrogates; encode_ordinary repairs them."""
-    encoder = counting._LOADER.get("o200k_base")
-    assert isinstance(encoder, counting._TiktokenEncoder)
+    encoder = encoders.load("o200k_base")
+    assert isinstance(encoder, encoders.TiktokenEncoder)
     text = "broken \ud800 pair \udfff here"
     assert encoder.count(text) == len(encoder.encoding.encode_ordinary(text)) > 0
 
@@ -979,8 +986,8 @@ def test_a_buffer_api_that_disagrees_on_the_probe_is_not_used() -> None:
         def encode_ordinary(self, text: str) -> list[int]:
             return [0] * len(text.split())
 
-    assert counting._buffer_counter(Encoding()) is None  # type: ignore[arg-type]
-    assert counting._buffer_counter(object()) is None  # type: ignore[arg-type]
+    assert _fast.buffer_counter(Encoding()) is None  # type: ignore[arg-type]
+    assert _fast.buffer_counter(object()) is None  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------- counting off the event loop
@@ -990,13 +997,13 @@ def test_a_buffer_api_that_disagrees_on_the_probe_is_not_used() -> None:
 def count_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     """(text, thread id) of every text the tiktoken encoder counts while the test runs."""
     seen: list[tuple[str, int]] = []
-    original = counting._TiktokenEncoder.count
+    original = encoders.TiktokenEncoder.count
 
-    def spy(self: counting._TiktokenEncoder, text: str) -> int:
+    def spy(self: encoders.TiktokenEncoder, text: str) -> int:
         seen.append((text, threading.get_ident()))
         return original(self, text)
 
-    monkeypatch.setattr(counting._TiktokenEncoder, "count", spy)
+    monkeypatch.setattr(encoders.TiktokenEncoder, "count", spy)
     return seen
 
 

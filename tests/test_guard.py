@@ -483,7 +483,7 @@ async def test_async_twins_decide_exactly_like_sync() -> None:
 
 async def test_acheck_counts_a_long_new_prompt_off_the_event_loop() -> None:
     """A long prompt is encoded in a worker thread; the decision equals the sync one."""
-    from tb_plugins.core.counting import TokenCounter
+    from tb_plugins.counting import TokenCounter
 
     budgets = [{"scope": "team:a", "tokens": 10**6, "window": "day"}]
     long_prompt = [{"role": "user", "content": "quarterly revenue churn hiring " * 700}]

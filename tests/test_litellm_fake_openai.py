@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tb_plugins import count_tokens
-from tb_plugins.core.counting import TokenCounter
+from tb_plugins.counting import TokenCounter
 from tb_plugins.testing.fake_openai import FakeOpenAI, FakeOpenAIProcess
 
 MESSAGES = [{"role": "user", "content": "How many tokens is this?"}]

@@ -16,8 +16,9 @@ Integrations live in their own modules and are imported by path:
 ``tb_plugins.integrations.litellm_proxy``.
 """
 
-from tb_plugins.core.counting import count_tokens
 from tb_plugins.core.usage import Usage
+from tb_plugins.counting import count_tokens
+from tb_plugins.engine import BudgetGuard, BudgetStatus, Charge, Decision, Estimate
 from tb_plugins.errors import (
     BudgetExceeded,
     BudgetRefused,
@@ -29,7 +30,6 @@ from tb_plugins.errors import (
     TokenBudgetError,
     UnpricedModel,
 )
-from tb_plugins.engine import BudgetGuard, BudgetStatus, Charge, Decision, Estimate
 from tb_plugins.ledger import ledger_from_url
 
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ from tb_plugins.warnings import UnpricedModelWarning
 
 if TYPE_CHECKING:
     from tb_plugins.config import Policy
-    from tb_plugins.core.counting import Tokenizer
+    from tb_plugins.counting import Tokenizer
 
 __all__ = ["Estimator", "check_model", "with_output"]
 
@@ -65,7 +65,7 @@ class Estimator:
     def tokenizer(self) -> Tokenizer:
         """The tokenizer (the process-wide default counter unless one was given)."""
         if self._tokenizer is None:
-            from tb_plugins.core.counting import default_counter
+            from tb_plugins.counting import default_counter
 
             self._tokenizer = default_counter()
         return self._tokenizer

@@ -48,7 +48,7 @@ from tb_plugins.ledger.base import GroupBy
 if TYPE_CHECKING:  # pydantic loads with the first policy, not with `import tb_plugins`
     from tb_plugins.config import Policy
     from tb_plugins.core.budgets import Budget
-    from tb_plugins.core.counting import Tokenizer
+    from tb_plugins.counting import Tokenizer
 
 __all__ = ["BudgetGuard"]
 
@@ -204,7 +204,7 @@ class BudgetGuard(Flows):
         """Async :meth:`check`: the same decision, awaiting the ledger.
 
         A long prompt not counted before is encoded in a worker thread first (see
-        :meth:`TokenCounter.aprepare <tb_plugins.core.counting.TokenCounter.aprepare>`), so
+        :meth:`TokenCounter.aprepare <tb_plugins.counting.TokenCounter.aprepare>`), so
         counting does not hold up the event loop.
         """
         request = Request(

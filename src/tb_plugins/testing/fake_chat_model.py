@@ -42,7 +42,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from tb_plugins.core.counting import default_counter
+from tb_plugins.counting import default_counter
 
 __all__ = ["FakeCall", "FakeChatModel", "Script"]
 

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tb_plugins.core.counting import TokenCounter
+from tb_plugins.counting import TokenCounter
 
 __all__ = ["DEFAULT_REPLY", "FakeOpenAI", "FakeOpenAIProcess", "Served"]
 
