@@ -1,0 +1,218 @@
+"""Agent middleware for ``create_agent``: the whole decision ladder on each model call, and a
+graceful end (or an error) when a budget or the per-run ``calls`` limit is spent."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Annotated, Any, Literal
+
+from langchain.agents.middleware import (
+    AgentMiddleware,
+    AgentState,
+    ExtendedModelResponse,
+    ModelRequest,
+    ModelResponse,
+)
+from langchain.agents.middleware.types import PrivateStateAttr
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage
+from langgraph.runtime import Runtime
+from langgraph.types import Command
+from typing_extensions import NotRequired
+
+from tb_plugins.engine import BudgetGuard, Decision
+from tb_plugins.errors import (
+    BudgetRefused,
+)
+from tb_plugins.integrations.langchain import adapters as lc
+from tb_plugins.integrations.langchain.errors import _lc_error
+from tb_plugins.integrations.langchain.handler import _GUARDED
+
+logger = logging.getLogger("tb_plugins")
+
+# -- agent middleware --------------------------------------------------------------------------
+
+
+class BudgetState(AgentState[Any]):
+    """Agent state with the id of the current run (one agent invocation)."""
+
+    tb_run_id: NotRequired[Annotated[str, PrivateStateAttr]]
+
+
+class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
+    """Budgets for ``create_agent``: downgrade, clamp, and end the agent when spent.
+
+    Every model call is checked with the full decision ladder and the decision is applied to
+    the request: ``request.override(model=<cheaper model>)`` on a downgrade (taken from
+    ``models``, else built with ``init_chat_model``), ``model_settings={"max_tokens": n}`` on a
+    clamp (bound to the model like any other setting). The call is settled from the answer's
+    ``usage_metadata`` and released if it fails.
+
+    When a budget (or the per-run ``calls`` limit) has no room, the agent ends gracefully with a
+    final AI message that names the budget and when it resets (``on_exhausted="end"``; the
+    message history stays valid: the last tool calls are all answered, the final message has
+    none), or raises :class:`BudgetRefusedError` (``on_exhausted="raise"``).
+
+    Scope path: ``scopes`` + scopes from run metadata (``team``, ``user_id``, ``tb_scopes``) +
+    ``agent:<name>`` (``create_agent(name=...)``) + ``run:<id>``. Here a *run* is one
+    invocation of the agent: an id minted by ``before_agent`` and kept in the agent state, so it
+    survives interrupts/resume and is new for each ``invoke``. Pass ``metadata={"tb_run_id":
+    ...}`` in the config to charge several agents (e.g. the nodes of one graph) to one run.
+
+    Place it after ``ModelRetryMiddleware``/``ModelFallbackMiddleware`` in ``middleware=[...]``
+    so that each attempt is checked; do not also attach a :class:`TokenBudgetCallbackHandler` to
+    the same calls expecting a second charge: the handler stands aside for them.
+
+    Args:
+        guard: the process's guard.
+        scopes: scopes charged for every call.
+        models: ready chat models by name for downgrade targets, e.g.
+            ``{"gpt-4o-mini": ChatOpenAI(model="gpt-4o-mini")}``.
+        on_exhausted: ``"end"`` (default) or ``"raise"``.
+
+    Example:
+        >>> from langchain.agents import create_agent
+        >>> from tb_plugins import BudgetGuard
+        >>> from tb_plugins.testing.fake_chat_model import FakeChatModel
+        >>> guard = BudgetGuard.from_dict({"ledger": "memory://", "alerts": [],
+        ...     "budgets": [{"scope": "run:*", "calls": 5, "window": "total"}]})
+        >>> agent = create_agent(FakeChatModel(model="gpt-4o"), tools=[], name="planner",
+        ...     middleware=[TokenBudgetMiddleware(guard, scopes=["team:search"])])
+        >>> agent.invoke({"messages": [("user", "hi")]})["messages"][-1].content
+        'Hello from the fake model.'
+    """
+
+    state_schema = BudgetState
+
+    def __init__(
+        self,
+        guard: BudgetGuard,
+        scopes: Iterable[str] = (),
+        *,
+        models: Mapping[str, BaseChatModel] | None = None,
+        on_exhausted: Literal["end", "raise"] = "end",
+    ) -> None:
+        super().__init__()
+        if on_exhausted not in ("end", "raise"):
+            raise ValueError(f"on_exhausted is 'end' or 'raise', got {on_exhausted!r}")
+        self.guard = guard
+        self.scopes = tuple(scopes)
+        self.models: dict[str, BaseChatModel] = dict(models or {})
+        self.on_exhausted = on_exhausted
+        self.tools = []
+        self._models_lock = threading.Lock()
+
+    def before_agent(self, state: BudgetState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """Start a run: mint the id charged as ``run:<id>``."""
+        return {"tb_run_id": uuid.uuid4().hex}
+
+    async def abefore_agent(
+        self, state: BudgetState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Async :meth:`before_agent`."""
+        return self.before_agent(state, runtime)
+
+    def wrap_model_call(
+        self,
+        request: ModelRequest[Any],
+        handler: Callable[[ModelRequest[Any]], ModelResponse[Any]],
+    ) -> ModelResponse[Any] | AIMessage | ExtendedModelResponse[Any]:
+        """Check, apply the decision, call, settle."""
+        call = self._call(request)
+        try:
+            decision = self.guard.check(**call.check_kwargs())
+        except BudgetRefused as err:
+            return self._exhausted(err)
+        token = _GUARDED.set(True)
+        try:
+            response = handler(self._apply(request, call, decision))
+        except BaseException as exc:
+            lc.finish(self.guard, decision, lc.failure_cost(exc, decision.model))
+            raise
+        finally:
+            _GUARDED.reset(token)
+        lc.finish(self.guard, decision, lc.response_usage(response, decision.model))
+        return response
+
+    async def awrap_model_call(
+        self,
+        request: ModelRequest[Any],
+        handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
+    ) -> ModelResponse[Any] | AIMessage | ExtendedModelResponse[Any]:
+        """Async :meth:`wrap_model_call`."""
+        call = self._call(request)
+        try:
+            decision = await self.guard.acheck(**call.check_kwargs())
+        except BudgetRefused as err:
+            return self._exhausted(err)
+        token = _GUARDED.set(True)
+        try:
+            response = await handler(self._apply(request, call, decision))
+        except BaseException as exc:
+            await lc.afinish(self.guard, decision, lc.failure_cost(exc, decision.model))
+            raise
+        finally:
+            _GUARDED.reset(token)
+        await lc.afinish(self.guard, decision, lc.response_usage(response, decision.model))
+        return response
+
+    # helpers --------------------------------------------------------------------------------
+
+    def _call(self, request: ModelRequest[Any]) -> lc.Call:
+        metadata = lc.current_metadata()
+        scopes = [*self.scopes, *lc.metadata_scopes(metadata)]
+        agent = metadata.get("lc_agent_name")
+        if agent:
+            scopes.append(f"agent:{agent}")
+        run = metadata.get("tb_run_id") or request.state.get("tb_run_id")
+        if run:
+            scopes.append(f"run:{run}")
+        messages = list(request.messages)
+        if request.system_message is not None:
+            messages.insert(0, request.system_message)
+        return lc.Call(
+            model=lc.model_name(request.model),
+            messages=lc.openai_messages(messages),
+            tools=lc.openai_tools(request.tools),
+            max_tokens=lc.requested_max_tokens(request.model, request.model_settings),
+            scopes=scopes,
+        )
+
+    def _apply(
+        self, request: ModelRequest[Any], call: lc.Call, decision: Decision
+    ) -> ModelRequest[Any]:
+        model = request.model
+        if decision.model != call.model:
+            model = self._model_for(decision.model)
+        if model is request.model and decision.max_tokens == call.max_tokens:
+            return request
+        settings = dict(request.model_settings)
+        if decision.max_tokens is not None:
+            for key in lc.OUTPUT_CAP_KEYS:  # one cap, under the key this model takes
+                settings.pop(key, None)
+            settings[lc.max_tokens_key(model)] = decision.max_tokens
+        return request.override(model=model, model_settings=settings)
+
+    def _model_for(self, name: str) -> BaseChatModel:
+        with self._models_lock:
+            model = self.models.get(name)
+            if model is None:
+                from langchain.chat_models import init_chat_model
+
+                model = self.models[name] = init_chat_model(name)
+            return model
+
+    def _exhausted(self, err: BudgetRefused) -> ExtendedModelResponse[Any]:
+        if self.on_exhausted == "raise":
+            raise _lc_error(err) from None
+        message = AIMessage(
+            content=f"I have to stop here: {err}",
+            response_metadata={"finish_reason": "budget_exhausted", "tb_plugins": err.to_dict()},
+        )
+        return ExtendedModelResponse(
+            model_response=ModelResponse(result=[message]),
+            command=Command(update={"jump_to": "end"}),
+        )
