@@ -80,7 +80,7 @@ from tb_plugins.core.scopes import normalize_scope
 from tb_plugins.engine import BudgetGuard, Decision
 from tb_plugins.engine.held import HeldCalls, afinish
 from tb_plugins.errors import BudgetRefused, ConfigError, LedgerUnavailable
-from tb_plugins.integrations.litellm import apply_decision, request_view, usage_of
+from tb_plugins.integrations.litellm.requests import apply_decision, request_view, usage_of
 
 __all__ = [
     "CLIENT_SCOPE_KINDS",
