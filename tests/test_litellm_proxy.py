@@ -650,3 +650,21 @@ def test_guard_from_settings_needs_a_policy(
         guard_from_settings()
     monkeypatch.setenv("TB_PLUGINS_CONFIG", str(good))
     assert guard_from_settings().policy.ledger == "memory://"
+
+
+def test_the_proxy_says_in_one_line_which_policy_it_loaded(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Loading the policy prints one line naming the file, the budgets, the ledger (its
+    password hidden) and the fail mode."""
+    from tb_plugins.integrations.litellm_proxy import guard_from_settings
+
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "ledger: memory://\nbudgets:\n  - {scope: team:a, limit: 1k tokens/day}\n"
+        "  - {scope: user:*, limit: 2k tokens/day}\n"
+    )
+    monkeypatch.setenv("TB_PLUGINS_CONFIG", str(good))
+    guard_from_settings()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"tb_plugins: policy {good} loaded: 2 budgets, ledger memory://, fail_closed"

@@ -88,6 +88,21 @@ def test_a_guard_with_sqlite_does_not_load_frameworks(tmp_path: Path) -> None:
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
+def test_a_call_that_gives_its_input_tokens_loads_no_tokenizer() -> None:
+    """check(input_tokens=...) decides and settles without loading tiktoken or any encoding."""
+    code = (
+        "import sys, json\n"
+        "from tb_plugins import BudgetGuard, Usage\n"
+        "g = BudgetGuard.from_dict({'ledger': 'memory://', 'alerts': [], 'budgets': [\n"
+        "    {'scope': 'team:a', 'limit': '10k tokens/day'}]})\n"
+        "d = g.check('gpt-4o', input_tokens=120, max_tokens=30, scopes=['team:a'])\n"
+        "g.settle(d, Usage(120, 30))\n"
+        "print(json.dumps([d.estimate.exact, 'tiktoken' in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, False]
+
+
 def test_a_missing_optional_dependency_names_its_extra() -> None:
     """An absent optional dependency fails with the pip command for its extra."""
     with pytest.raises(ImportError, match=r"pip install 'tb-plugins\[redis\]'"):

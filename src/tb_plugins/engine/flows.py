@@ -23,6 +23,7 @@ from tb_plugins.core.policy import (
 )
 from tb_plugins.core.request import Request
 from tb_plugins.core.scopes import escape_text
+from tb_plugins.core.urls import redact_url
 from tb_plugins.core.usage import Amounts, Usage, UsageRecord, amounts, nano_to_usd, usd_to_nano
 from tb_plugins.engine.alerts import Alert, AlertSink, dispatch
 from tb_plugins.engine.decision import (
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     from tb_plugins.config import Policy
     from tb_plugins.core.budgets import Budget
 
-__all__ = ["Flows", "safe_url"]
+__all__ = ["Flows"]
 
 logger = logging.getLogger("tb_plugins")
 _MAX_ATTEMPTS = 6
@@ -124,7 +125,7 @@ class Flows:
                 return self._fail_open(exc, rid, path, lines, plan, action, reasons, now)
             except LedgerError as exc:  # refused, not unreachable: never admit unchecked
                 raise LedgerError(
-                    f"the ledger {safe_url(self.ledger.url)} refused the reservation ({exc}); "
+                    f"the ledger {redact_url(self.ledger.url)} refused the reservation ({exc}); "
                     f"the call is refused"
                 ) from exc
             states = result.states
@@ -248,11 +249,11 @@ class Flows:
     ) -> Decision:
         if self.policy.on_ledger_error == "fail_closed":
             raise LedgerUnavailable(
-                f"the ledger {safe_url(self.ledger.url)} cannot be reached ({exc}); the call "
+                f"the ledger {redact_url(self.ledger.url)} cannot be reached ({exc}); the call "
                 f"is refused because the policy says on_ledger_error: fail_closed"
             ) from exc
         msg = (
-            f"tb_plugins: ledger {safe_url(self.ledger.url)} unreachable ({exc}); call "
+            f"tb_plugins: ledger {redact_url(self.ledger.url)} unreachable ({exc}); call "
             f"admitted without a budget check (fail_open); its spend is kept locally and "
             f"written when the ledger is back"
         )
@@ -403,17 +404,3 @@ class Flows:
 
 def _past(budget: Budget) -> str:
     return f"budget {budget.name!r} is past its downgrade_at ({budget.downgrade_at:.0%})"
-
-
-def safe_url(url: str) -> str:
-    """A ledger URL without its password."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<ledger>"
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url

@@ -77,6 +77,7 @@ from litellm.integrations.custom_logger import CustomLogger
 from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 
 from tb_plugins.core.scopes import normalize_scope
+from tb_plugins.core.urls import redact_url
 from tb_plugins.engine import BudgetGuard, Decision
 from tb_plugins.engine.held import HeldCalls, afinish
 from tb_plugins.errors import BudgetRefused, ConfigError, LedgerUnavailable
@@ -343,7 +344,26 @@ def guard_from_settings() -> BudgetGuard:
             "budgets.yaml or add `callback_settings: {tb_plugins: {config: budgets.yaml}}` "
             "to the proxy's config.yaml"
         )
-    return BudgetGuard.from_config(_resolve(path))
+    resolved = _resolve(path)
+    guard = BudgetGuard.from_config(resolved)
+    _announce(f"tb_plugins: policy {resolved} loaded: {_summary(guard)}")
+    return guard
+
+
+def _summary(guard: BudgetGuard) -> str:
+    n = len(guard.budgets)
+    return (
+        f"{n} budget{'s' if n != 1 else ''}, ledger {redact_url(guard.ledger.url)}, "
+        f"{guard.policy.on_ledger_error}"
+    )
+
+
+def _announce(line: str) -> None:
+    """One line at boot: logged at INFO, and printed to stderr when INFO goes nowhere (the
+    proxy does not configure logging for its callbacks)."""
+    logger.info(line)
+    if not logger.isEnabledFor(logging.INFO):
+        print(line, file=sys.stderr, flush=True)
 
 
 class TokenBudgetProxyHandler(CustomLogger):
