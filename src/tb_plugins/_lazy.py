@@ -19,5 +19,6 @@ def require(module: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
-            f"{module!r} is needed for this feature: pip install 'tb-plugins[{extra}]'"
+            f"{module!r} is needed for this feature: pip install 'tb-plugins[{extra}]' "
+            f"(from a checkout: pip install -e '.[{extra}]')"
         ) from exc

@@ -81,7 +81,11 @@ from tb_plugins.core.urls import redact_url
 from tb_plugins.engine import BudgetGuard, Decision
 from tb_plugins.engine.held import HeldCalls, afinish
 from tb_plugins.errors import BudgetRefused, ConfigError, LedgerUnavailable
-from tb_plugins.integrations.litellm.requests import apply_decision, request_view, usage_of
+from tb_plugins.integrations.litellm.requests import (
+    apply_decision,
+    reported_usage,
+    request_view,
+)
 
 __all__ = [
     "CLIENT_SCOPE_KINDS",
@@ -470,12 +474,7 @@ class TokenBudgetProxyHandler(CustomLogger):
         decision = None if token is None else self._holds.take(token)
         if decision is None:
             return
-        try:
-            usage = usage_of(response_obj, kwargs)
-        except Exception:  # charge the estimate rather than nothing
-            logger.exception("tb_plugins: reading the usage of %s failed", decision.reservation_id)
-            usage = None
-        await afinish(self.guard, decision, usage)
+        await afinish(self.guard, decision, reported_usage(response_obj, kwargs, decision))
 
     async def async_post_call_failure_hook(
         self,

@@ -21,9 +21,9 @@ from tb_plugins.integrations.litellm.requests import (
     apply_decision,
     ask_stream_usage,
     chat_messages,
+    reported_usage,
     request_view,
     scopes_from,
-    usage_of,
 )
 
 logger = logging.getLogger("tb_plugins")
@@ -168,12 +168,7 @@ class TokenBudgetLogger(CustomLogger):
         decision = self._holds.take(str(kwargs.get("litellm_call_id")))
         if decision is None:
             return
-        try:
-            usage = usage_of(response_obj, kwargs)
-        except Exception:  # charge the estimate rather than nothing
-            logger.exception("tb_plugins: reading the usage of %s failed", decision.reservation_id)
-            usage = None
-        await afinish(self.guard, decision, usage)
+        await afinish(self.guard, decision, reported_usage(response_obj, kwargs, decision))
 
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any

@@ -216,6 +216,16 @@ def usage_of(response: Any, kwargs: Mapping[str, Any] | None = None) -> Usage | 
     return None
 
 
+def reported_usage(response: Any, kwargs: Mapping[str, Any], decision: Decision) -> Usage | None:
+    """:func:`usage_of`, or None (charge the estimate) if reading it fails: a call that was
+    served is never charged nothing."""
+    try:
+        return usage_of(response, kwargs)
+    except Exception:
+        logger.exception("tb_plugins: reading the usage of %s failed", decision.reservation_id)
+        return None
+
+
 def scopes_from(metadata: Any) -> list[str]:
     if not isinstance(metadata, Mapping):
         return []
