@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tb_plugins.core.policy import (
@@ -58,6 +59,17 @@ _MAX_ATTEMPTS = 6
 _HINT = "a budget is past its downgrade_at fraction"
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """What one check knows of its call besides the plan: who asked, for what, when."""
+
+    rid: str
+    path: tuple[str, ...]
+    model: str
+    now: float
+    lines: tuple[LinePlan, ...] = ()
+
+
 class Flows:
     """The flows, as methods of the guard (which provides the attributes below)."""
 
@@ -83,6 +95,7 @@ class Flows:
         path = self.planner.scope_path(request.scopes)
         rid = request.reservation_id or new_reservation_id()
         model = request.model
+        call = _Call(rid, path, model, now)
         plan, reasons = self.estimator.plan(request)
         action: Action = "clamp" if reasons else "allow"
         caps = self.policy.request
@@ -100,9 +113,10 @@ class Flows:
                     f"per-request cap of {caps.max_input_tokens:,} (request.max_input_tokens)"
                 ),
             )
-            yield from self._record_deny(rid, path, model, now, too_large)
+            yield from self._record_deny(call, too_large)
             raise too_large
         lines = self.planner.lines(path, now)
+        call = _Call(rid, path, model, now, lines)
         expires_at = now + self.policy.reservation_ttl
         cheaper = self.estimator.downgrade_model(model) if request.adjust else None
         # A line known to be past downgrade_at starts the ladder on the cheaper model.
@@ -112,7 +126,7 @@ class Flows:
             action = "downgrade"
         watch = any(lp.downgrades for lp in lines)
         if down is not None:  # seen this very call: do not wait for the ledger a second time
-            return self._fail_open(down, rid, path, lines, plan, action, reasons, now)
+            return self._fail_open(down, call, plan, action, reasons)
         states: Sequence[LineState] = ()
         for _attempt in range(_MAX_ATTEMPTS):
             try:
@@ -122,7 +136,7 @@ class Flows:
                     {"now": now, "expires_at": expires_at},
                 )
             except LedgerUnavailable as exc:
-                return self._fail_open(exc, rid, path, lines, plan, action, reasons, now)
+                return self._fail_open(exc, call, plan, action, reasons)
             except LedgerError as exc:  # refused, not unreachable: never admit unchecked
                 raise LedgerError(
                     f"the ledger {redact_url(self.ledger.url)} refused the reservation ({exc}); "
@@ -153,8 +167,7 @@ class Flows:
                     continue
                 if due is not None and hinted:
                     reasons = [_past(due) if r == _HINT else r for r in reasons]
-                d = self._decision(rid, path, lines, plan, action, reasons, states, now, model)
-                return d
+                return self._decision(call, plan, action, reasons, states)
             # Refused: read what is left and step down the ladder.
             best, hard = max_output_that_fits(plan, lines, states)
             min_out = self.policy.min_output_tokens
@@ -185,11 +198,9 @@ class Flows:
                         alt_reasons.append(f"max_tokens lowered to {best2} to fit what is left")
                     plan, reasons, action = alt, alt_reasons, "downgrade"
                     continue
-            err = refusal(plan, lines, states, min_out)
-            yield from self._record_deny(rid, path, model, now, err)
-            raise err
+            break
         err = refusal(plan, lines, states, self.policy.min_output_tokens)
-        yield from self._record_deny(rid, path, model, now, err)
+        yield from self._record_deny(call, err)
         raise err
 
     def _replan(self, request: Request, model: str, why: str) -> tuple[Plan, list[str]]:
@@ -199,36 +210,33 @@ class Flows:
 
     def _decision(
         self,
-        rid: str,
-        path: tuple[str, ...],
-        lines: tuple[LinePlan, ...],
+        call: _Call,
         plan: Plan,
         action: Action,
         reasons: list[str],
         states: Sequence[LineState],
-        now: float,
-        requested_model: str,
         local: bool = False,
     ) -> Decision:
+        now = call.now
         d = Decision(
             action=action,
             model=plan.model,
-            requested_model=requested_model,
+            requested_model=call.model,
             max_tokens=plan.max_tokens,
-            reservation_id=rid,
+            reservation_id=call.rid,
             estimate=Estimate(
                 plan.input_tokens,
                 plan.output_tokens,
                 nano_to_usd(plan.usd_nano()) if plan.priced else None,
                 plan.exact,
             ),
-            scopes=path,
+            scopes=call.path,
             reasons=tuple(reasons),
-            remaining=remaining(lines, states, plan.amounts()) if states else {},
+            remaining=remaining(call.lines, states, plan.amounts()) if states else {},
             local=local,
             created_at=now,
             expires_at=now + self.policy.reservation_ttl,
-            lines=lines,
+            lines=call.lines,
             plan=plan,
             issuer=self._issuer,
         )
@@ -237,15 +245,7 @@ class Flows:
         return d
 
     def _fail_open(
-        self,
-        exc: LedgerUnavailable,
-        rid: str,
-        path: tuple[str, ...],
-        lines: tuple[LinePlan, ...],
-        plan: Plan,
-        action: Action,
-        reasons: list[str],
-        now: float,
+        self, exc: LedgerUnavailable, call: _Call, plan: Plan, action: Action, reasons: list[str]
     ) -> Decision:
         if self.policy.on_ledger_error == "fail_closed":
             raise LedgerUnavailable(
@@ -259,23 +259,19 @@ class Flows:
         )
         logger.error(msg)
         warnings.warn(msg, FailOpenWarning, stacklevel=5)
-        return self._decision(
-            rid, path, lines, plan, action, [*reasons, "fail_open"], (), now, plan.model, True
-        )
+        return self._decision(call, plan, action, [*reasons, "fail_open"], (), local=True)
 
-    def _record_deny(
-        self, rid: str, path: tuple[str, ...], model: str, now: float, err: BudgetRefused
-    ) -> Flow[None]:
+    def _record_deny(self, call: _Call, err: BudgetRefused) -> Flow[None]:
         record = UsageRecord(
-            ts=now,
-            reservation_id=rid,
-            scopes=path,
-            model=model,
-            requested_model=model,
+            ts=call.now,
+            reservation_id=call.rid,
+            scopes=call.path,
+            model=call.model,
+            requested_model=call.model,
             action="deny",
             extra={"error": err.to_dict()},
         )
-        self._emit("deny", {"error": err, "scopes": path, "model": model})
+        self._emit("deny", {"error": err, "scopes": call.path, "model": call.model})
         yield from quiet("append_usage", (record,), {})
 
     # -- settle and release ----------------------------------------------------------------
