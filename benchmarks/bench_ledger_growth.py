@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tb_plugins.core.usage import UsageRecord, amounts
-from tb_plugins.guard import new_reservation_id
+from tb_plugins.engine import new_reservation_id
 from tb_plugins.ledger import Line, ledger_from_url, line_key
 
 T0 = 1_800_000_000.0

@@ -20,9 +20,9 @@ from tb_plugins import (
     UnpricedModel,
     Usage,
 )
-from tb_plugins.alerts import Alert
 from tb_plugins.core.pricing import ModelPrice
 from tb_plugins.core.usage import Amounts, UsageRecord
+from tb_plugins.engine.alerts import Alert
 from tb_plugins.errors import LedgerError
 from tb_plugins.ledger import Ledger, ledger_from_url
 from tb_plugins.ledger.base import Line, LineState, ReserveResult, SettleResult
@@ -642,7 +642,7 @@ def test_default_reservation_ids_are_uuid7_in_time_order(monkeypatch: pytest.Mon
     import time
     import uuid
 
-    from tb_plugins.guard import new_reservation_id
+    from tb_plugins.engine import new_reservation_id
 
     ticks = iter([1_790_000_000_000_000_000 + k * 1_000_000 for k in range(50)])
     with monkeypatch.context() as patch:

@@ -522,7 +522,7 @@ def test_real_runs_leave_no_tree_entries() -> None:
 def test_import_tb_plugins_does_not_import_langchain() -> None:
     """`import tb_plugins` loads no LangChain or LangGraph module (they are optional)."""
     code = (
-        "import sys, tb_plugins, tb_plugins.guard, tb_plugins.integrations\n"
+        "import sys, tb_plugins, tb_plugins.engine, tb_plugins.integrations\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('langchain', 'langchain_core', 'langgraph', 'langsmith'))\n"
         "print(bad)\n"

@@ -121,7 +121,7 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 
 def _guard(args: argparse.Namespace) -> Any:
-    from tb_plugins.guard import BudgetGuard
+    from tb_plugins.engine import BudgetGuard
 
     path = args.config or os.environ.get("TB_PLUGINS_CONFIG") or DEFAULT_CONFIG
     if not os.path.exists(path):

@@ -174,7 +174,7 @@ def run_demo(workdir: str | Path | None = None, *, quiet: bool = False) -> DemoR
 
 
 async def _demo(work: Path, out: _Narrator) -> DemoReport:
-    from tb_plugins.guard import BudgetGuard
+    from tb_plugins.engine import BudgetGuard
     from tb_plugins.testing.fake_openai import FakeOpenAI
 
     ledger = work / "tb_demo.db"
