@@ -25,7 +25,7 @@ from conftest import make_ledger
 from tb_plugins.core.usage import Amounts
 from tb_plugins.errors import LedgerError, LedgerUnavailable
 from tb_plugins.ledger import Ledger, Line, ledger_from_url
-from tb_plugins.ledger import sqlite as sqlite_ledger
+from tb_plugins.ledger.sqlite import ledger as sqlite_ledger
 from test_ledger_conformance import T0, TTL, charge, cost, line, record, state
 
 HUGE = [2**63, 2**64, 10**19]

@@ -314,7 +314,8 @@ def test_reserve_and_release_commit_asynchronously_and_settle_durably(
     """A reservation and a release switch synchronous_commit off for their own transaction
     only; a settle keeps the session's setting (durable by default), unless the ledger was
     opened with synchronous_commit=off."""
-    from tb_plugins.ledger import postgres as pg
+    from tb_plugins.ledger.postgres import codec
+    from tb_plugins.ledger.postgres import operations as pg
 
     ln = make_line("user:a", tokens=100)
     amt = amounts(5, 0, 0)
@@ -323,7 +324,7 @@ def test_reserve_and_release_commit_asynchronously_and_settle_durably(
     reserve = ledger._reserve_args("r", [ln], amt, T0, T0 + TTL)
     settle = ledger._settle_args("r", [ln], amt, usage_record("r", [ln], amt), T0, [0])
     assert _commit_mode(ledger, pg._RESERVE, reserve) == "off"
-    assert _commit_mode(ledger, pg._RELEASE, (pg._sha("seed"), T0)) == "off"
+    assert _commit_mode(ledger, pg._RELEASE, (codec.sha("seed"), T0)) == "off"
     assert _commit_mode(ledger, pg._SETTLE, settle) == "on"
     assert ledger._one("SHOW synchronous_commit") == "on"  # nothing leaked into the session
     fast = ledger_from_url(pg_url(pg_schema, synchronous_commit="off"))

@@ -226,7 +226,7 @@ def test_writers_of_one_process_are_served_first_come_first_served() -> None:
     """The in-process writer lock hands over to waiters in arrival order (no starvation)."""
     import time
 
-    from tb_plugins.ledger.sqlite import _FairLock
+    from tb_plugins.ledger.sqlite.locks import FairLock as _FairLock
 
     lock = _FairLock()
     assert lock.acquire(timeout=1)
@@ -252,7 +252,7 @@ def test_writers_of_one_process_are_served_first_come_first_served() -> None:
 
 def test_a_writer_that_times_out_leaves_the_queue() -> None:
     """A waiter that gives up is removed from the queue; the lock still works afterwards."""
-    from tb_plugins.ledger.sqlite import _FairLock
+    from tb_plugins.ledger.sqlite.locks import FairLock as _FairLock
 
     lock = _FairLock()
     assert lock.acquire(timeout=1)
@@ -269,7 +269,7 @@ async def test_async_operations_run_at_once_when_the_file_is_free(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With nobody else writing, the async twins run on the loop's thread: no thread hop."""
-    import tb_plugins.ledger.sqlite as sqlite_mod
+    import tb_plugins.ledger.sqlite.ledger as sqlite_mod
 
     def no_hop(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("an async operation went to a worker thread")
@@ -293,7 +293,7 @@ async def test_an_async_operation_waits_in_a_worker_when_another_process_writes(
 ) -> None:
     """While another connection holds the write lock, the loop is not blocked: the operation
     changes nothing at once and goes to a worker thread, which waits and then succeeds."""
-    import tb_plugins.ledger.sqlite as sqlite_mod
+    import tb_plugins.ledger.sqlite.ledger as sqlite_mod
 
     path = tmp_path / "l.db"
     ledger = ledger_from_url(f"sqlite:///{path}")
@@ -322,7 +322,7 @@ async def test_an_async_operation_queues_behind_a_writer_thread_of_its_process(
 ) -> None:
     """A thread of the same process holding the writer lock sends the operation to a worker
     (which queues first come, first served) instead of blocking the loop."""
-    import tb_plugins.ledger.sqlite as sqlite_mod
+    import tb_plugins.ledger.sqlite.ledger as sqlite_mod
 
     ledger = ledger_from_url(f"sqlite:///{tmp_path / 'l.db'}")
     lines = _lines(0, None)
@@ -353,7 +353,7 @@ async def test_checkpoints_of_async_writes_run_in_a_worker_not_on_the_loop(
 ) -> None:
     """The loop's connection never checkpoints (a checkpoint fsyncs the file); every
     CHECKPOINT_EVERY async writes a worker thread checkpoints the WAL instead."""
-    import tb_plugins.ledger.sqlite as sqlite_mod
+    import tb_plugins.ledger.sqlite.ledger as sqlite_mod
 
     monkeypatch.setattr(sqlite_mod, "CHECKPOINT_EVERY", 3)
     ledger = ledger_from_url(f"sqlite:///{tmp_path / 'l.db'}")

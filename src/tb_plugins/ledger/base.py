@@ -74,10 +74,14 @@ async def _to_thread(fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwarg
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
-def distinct_lines(lines: Sequence[Line], *, by_key: bool = True) -> tuple[list[Line], list[int]]:
+def distinct_lines(
+    lines: Sequence[Line], *, by_key: bool = True
+) -> tuple[Sequence[Line], Sequence[int]]:
     """The distinct lines, first kept, and per given line its index among them. Writes
     compare keys (a line given twice holds and spends once); reads (``by_key=False``) also
     compare buckets, so two windows of one key read apart."""
+    if by_key and len({ln.key for ln in lines}) == len(lines):
+        return lines, range(len(lines))  # the usual case: every line once, in order
     seen: dict[Any, int] = {}
     unique: list[Line] = []
     index: list[int] = []
@@ -92,7 +96,9 @@ def distinct_lines(lines: Sequence[Line], *, by_key: bool = True) -> tuple[list[
 
 def spread(states: Sequence[_S], index: Sequence[int]) -> tuple[_S, ...]:
     """States of the distinct lines back in the order of the given lines."""
-    return tuple(states[i] for i in index)
+    if isinstance(index, range):  # every line was given once (see distinct_lines)
+        return tuple(states)
+    return tuple([states[i] for i in index])
 
 
 def distinct_watch(watch: Sequence[int] | None, index: Sequence[int]) -> list[int] | None:
@@ -116,6 +122,50 @@ def usage_rows(rows: Iterable[Sequence[Any]]) -> list[UsageRow]:
         for r in rows
     ]
     return sorted(out, key=lambda row: row.key)
+
+
+def check_report(group_by: str, scope: str | None) -> None:
+    """Refuse a usage report the ledgers cannot make.
+
+    Raises:
+        ValueError: ``group_by`` is not ``scope``, ``model`` or ``day``.
+        LedgerError: ``scope`` is not storable text (see :func:`check_text`).
+    """
+    if group_by not in ("scope", "model", "day"):
+        raise ValueError(f"group_by must be 'scope', 'model' or 'day', not {group_by!r}")
+    if scope is not None:
+        check_text("scope name", scope)
+
+
+RECORD_COLUMNS = (
+    "ts, reservation_id, scopes, model, requested_model, action, input_tokens, output_tokens, "
+    "cached_input_tokens, usd, priced, estimated, extra"
+)
+"""The usage log's columns in the SQL ledgers, in the order :func:`record_from_row` reads."""
+
+
+def _as_stored(value: Any) -> Any:
+    return value
+
+
+def record_from_row(row: Sequence[Any], text: Callable[[Any], Any] = _as_stored) -> UsageRecord:
+    """A usage record from a row of :data:`RECORD_COLUMNS` (scopes and extra as JSON);
+    ``text`` reads back the names (id, models, action) a backend stored in a form of its own."""
+    return UsageRecord(
+        ts=float(row[0]),
+        reservation_id=text(row[1]),
+        scopes=tuple(json.loads(row[2])),
+        model=text(row[3]),
+        requested_model=text(row[4]),
+        action=text(row[5]),
+        input_tokens=int(row[6]),
+        output_tokens=int(row[7]),
+        cached_input_tokens=int(row[8]),
+        usd=float(row[9]),
+        priced=bool(row[10]),
+        estimated=bool(row[11]),
+        extra=json.loads(row[12]),
+    )
 
 
 _INT = frozenset({int})  # the one type an amount may have (not bool, not float)
@@ -231,8 +281,9 @@ class Ledger(abc.ABC):
     """Durable spend per (scope, window), shared by every guard that opens the same URL.
 
     Subclasses declare ``schemes`` and implement the sync methods; the async twins (``a``
-    prefix) default to running the sync method in a worker thread, and network backends
-    override them with native async I/O.
+    prefix) default to running the sync method in a worker thread. The backends of this
+    package derive from :class:`~tb_plugins.ledger.flow.FlowLedger` instead, which writes each
+    operation once and runs it blocking or with native async I/O.
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
