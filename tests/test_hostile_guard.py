@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from tb_plugins import BudgetExceeded, BudgetGuard, LedgerUnavailable, Usage
 from tb_plugins.core.usage import MAX_CALL_TOKENS
 from tb_plugins.errors import LedgerError
 from tb_plugins.ledger import Ledger
+from tb_plugins.warnings import FailOpenWarning
 
 T0 = 1_790_000_000.0  # 2026-09-21 14:13:20 UTC
 MSGS = [{"role": "user", "content": "Summarise the quarterly report in three bullet points."}]
@@ -374,3 +376,49 @@ def test_an_odd_model_name_a_provider_reports_is_stored_escaped_and_charged(
     (rec,) = guard.ledger.records()
     assert rec.model.isprintable() and rec.model.startswith("gpt-4o")
     assert guard.rejected == []
+
+
+# -- a ledger that cannot be opened ------------------------------------------------------------
+
+
+def test_a_ledger_that_cannot_be_opened_fails_the_guard_at_build_under_fail_closed(
+    tmp_path: Path,
+) -> None:
+    """A bad SQLite path or a server that refuses raises LedgerUnavailable when the guard is
+    built (not at the first check), with the URL's password hidden."""
+    with pytest.raises(LedgerUnavailable, match=r"cannot be opened.*fail_closed"):
+        BudgetGuard.from_dict({"ledger": f"sqlite:///{tmp_path}/missing/dir/l.db"})
+    with pytest.raises(LedgerUnavailable, match=r"u:\*\*\*@127\.0\.0\.1") as info:
+        BudgetGuard.from_dict(
+            {"ledger": "postgresql://u:s3cret@127.0.0.1:1/db", "ledger_timeout": 0.3}
+        )
+    assert "s3cret" not in str(info.value)
+
+
+def test_a_ledger_that_cannot_be_opened_warns_under_fail_open_and_is_used_once_it_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under fail_open the guard starts with a warning, admits calls locally, and writes
+    their spend to the ledger once it can be opened."""
+    import tb_plugins.ledger.deferred as deferred
+
+    monkeypatch.setattr(deferred, "_RETRY_EVERY", 0.0)
+    folder = tmp_path / "later"
+    url = f"sqlite:///{folder}/l.db"
+    clock = Clock()
+    with pytest.warns(FailOpenWarning, match="cannot be opened"):
+        guard = BudgetGuard.from_dict(
+            {"ledger": url, "on_ledger_error": "fail_open", "alerts": [], "budgets": TEAM},
+            clock=clock,
+        )
+    with pytest.warns(FailOpenWarning):
+        d = check(guard)
+    assert d.local
+    guard.settle(d, Usage(30, 12))
+    assert guard.pending == 1
+    folder.mkdir()
+    clock.t += 10
+    d2 = check(guard, max_tokens=1)  # the ledger opens; the kept spend goes in first
+    assert not d2.local and guard.pending == 0
+    guard.release(d2)
+    assert totals(guard) == (42, 0)

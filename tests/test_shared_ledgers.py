@@ -320,9 +320,15 @@ def usage_record(rid: str, lines: list[Line], amt: Amounts, ts: float = T0) -> U
 
 
 def make_guard(
-    url: str, *, on_error: str = "fail_closed", clock: Any = None, **policy: Any
+    url: str,
+    *,
+    on_error: str = "fail_closed",
+    clock: Any = None,
+    ledger: Ledger | None = None,
+    **policy: Any,
 ) -> BudgetGuard:
-    """A guard on ``url`` with the failure tests' short timeout and a priced test model."""
+    """A guard on ``url`` (or on ``ledger``, opened by the caller) with the failure tests'
+    short timeout and a priced test model."""
     data: dict[str, Any] = {
         "ledger": url,
         "on_ledger_error": on_error,
@@ -332,7 +338,7 @@ def make_guard(
         "budgets": [{"scope": "team:t", "tokens": 10_000_000, "window": "day"}],
     }
     data.update(policy)
-    return BudgetGuard.from_dict(data, clock=clock)
+    return BudgetGuard.from_dict(data, clock=clock, ledger=ledger)
 
 
 def call(guard: BudgetGuard, i: int, scope: str = "team:t") -> int:
@@ -508,15 +514,21 @@ def _timed_denial(guard: BudgetGuard) -> float:
                pytest.param("postgres", marks=pytest.mark.postgres)],
 )  # fmt: skip
 def test_fail_closed_denies_within_the_timeout_when_nothing_listens(scheme: str) -> None:
-    """With no server at the ledger's address, fail_closed denies with LedgerUnavailable within
-    the timeout, and the message names host:port but not the password."""
+    """With no server at the ledger's address, fail_closed refuses to build the guard, and
+    denies the calls of a guard given that ledger, with LedgerUnavailable within the timeout;
+    the message names host:port but not the password."""
     port = free_port()
     url = (
         f"redis://:s3cret@127.0.0.1:{port}/0?prefix=down"
         if scheme == "redis"
         else f"postgresql://postgres:s3cret@127.0.0.1:{port}/test?schema=down"
     )
-    guard = make_guard(url)
+    start = time.monotonic()
+    with pytest.raises(LedgerUnavailable, match="cannot be opened") as built:
+        make_guard(url)
+    assert time.monotonic() - start < 2 * TIMEOUT + 0.25
+    assert f"127.0.0.1:{port}" in str(built.value) and "s3cret" not in str(built.value)
+    guard = make_guard(url, ledger=ledger_from_url(url, timeout=TIMEOUT))
     elapsed = _timed_denial(guard)
     assert elapsed < 2 * TIMEOUT + 0.25
     with pytest.raises(LedgerUnavailable) as err:

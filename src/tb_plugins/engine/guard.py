@@ -23,7 +23,9 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from tb_plugins.core.pricing import PriceTable
 from tb_plugins.core.request import Request
+from tb_plugins.core.urls import redact_url
 from tb_plugins.core.usage import Usage, UsageRecord, UsageRow
 from tb_plugins.core.windows import Clock, system_clock
 from tb_plugins.engine.alerts import AlertSink, LogSink, WebhookSink
@@ -41,9 +44,11 @@ from tb_plugins.engine.estimate import Estimator
 from tb_plugins.engine.flows import Flows
 from tb_plugins.engine.planning import LinePlanner
 from tb_plugins.engine.writeback import WriteBack
-from tb_plugins.errors import LedgerUnavailable
+from tb_plugins.errors import LedgerError, LedgerUnavailable
 from tb_plugins.ledger import Ledger, ledger_from_url
 from tb_plugins.ledger.base import GroupBy
+from tb_plugins.ledger.deferred import DeferredLedger
+from tb_plugins.warnings import FailOpenWarning
 
 if TYPE_CHECKING:  # pydantic loads with the first policy, not with `import tb_plugins`
     from tb_plugins.config import Policy
@@ -51,6 +56,8 @@ if TYPE_CHECKING:  # pydantic loads with the first policy, not with `import tb_p
     from tb_plugins.counting import Tokenizer
 
 __all__ = ["BudgetGuard"]
+
+logger = logging.getLogger("tb_plugins")
 
 
 class BudgetGuard(Flows):
@@ -89,7 +96,7 @@ class BudgetGuard(Flows):
         alert_sinks: Iterable[AlertSink] = (),
     ) -> None:
         self.policy = policy
-        self.ledger = ledger or ledger_from_url(policy.ledger, timeout=policy.ledger_timeout)
+        self.ledger = ledger if ledger is not None else _open_ledger(policy)
         self.clock: Clock = clock or system_clock
         self._time = LedgerClock(self.clock, monotonic, injected=clock is not None)
         self._issuer = os.urandom(8).hex()  # marks this guard's decisions
@@ -362,6 +369,31 @@ class BudgetGuard(Flows):
         if not self.writeback.due(self._time.mono()):
             return None
         return (await adrive(self.ledger, self.writeback.flow(self.now())))[1]
+
+
+def _open_ledger(policy: Policy) -> Ledger:
+    """The policy's ledger, opened now, so that a bad path or a server that refuses shows when
+    the guard is built: under ``fail_closed`` as :class:`LedgerUnavailable`, under
+    ``fail_open`` as a :class:`FailOpenWarning` (the guard then keeps trying to open it)."""
+    url, timeout = policy.ledger, policy.ledger_timeout
+    ledger: Ledger | None = None
+    try:
+        ledger = ledger_from_url(url, timeout=timeout)
+        ledger.records(limit=1)  # opens the file or the connection; cheap on every backend
+        return ledger
+    except LedgerError as exc:
+        problem = f"the ledger {redact_url(url)} cannot be opened ({exc})"
+        if policy.on_ledger_error == "fail_closed":
+            raise LedgerUnavailable(
+                f"{problem}; the policy says on_ledger_error: fail_closed"
+            ) from exc
+        msg = (
+            f"tb_plugins: {problem}; calls are admitted without a budget check (fail_open) "
+            f"and their spend kept until it opens"
+        )
+        logger.error(msg)
+        warnings.warn(msg, FailOpenWarning, stacklevel=4)
+        return ledger if ledger is not None else DeferredLedger(url, exc, timeout=timeout)
 
 
 def _ts(value: float | datetime | None) -> float | None:
