@@ -20,17 +20,7 @@ from tb_plugins.core.usage import MAX_CALL_TOKENS
 from tb_plugins.errors import LedgerError
 from tb_plugins.ledger import Ledger
 from tb_plugins.warnings import FailOpenWarning
-
-T0 = 1_790_000_000.0  # 2026-09-21 14:13:20 UTC
-MSGS = [{"role": "user", "content": "Summarise the quarterly report in three bullet points."}]
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from test_guard import MSGS, Clock
 
 
 def guard_on(
