@@ -60,6 +60,9 @@ ZERO: Amounts = (0, 0, 0, 0, 0, 0)
 NO_LIMITS: Limits = (None, None, None, None, None, None)
 
 
+_INT = frozenset({int})  # the one type a count may have (not bool, not float)
+
+
 def check_count(name: str, value: object, maximum: int = MAX_CALL_TOKENS) -> int:
     """``value`` as a whole number in ``[0, maximum]``, or a clear error.
 
@@ -159,8 +162,25 @@ class Usage:
     usd: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens"):
-            check_count(f"Usage.{name}", getattr(self, name))
+        counts = (
+            self.input_tokens,
+            self.output_tokens,
+            self.cached_input_tokens,
+            self.reasoning_tokens,
+        )
+        # The common case in one pass (this runs on every settle); the checks name the field.
+        if not (
+            _INT.issuperset(map(type, counts))
+            and min(counts) >= 0
+            and max(counts) <= MAX_CALL_TOKENS
+        ):
+            for name in (
+                "input_tokens",
+                "output_tokens",
+                "cached_input_tokens",
+                "reasoning_tokens",
+            ):
+                check_count(f"Usage.{name}", getattr(self, name))
         if self.usd is not None:
             check_usd("Usage.usd", self.usd)
         if self.model is not None and not isinstance(self.model, str):

@@ -260,12 +260,28 @@ def check_texts(
 ) -> None:
     """:func:`check_text` on every name a reserve, settle or log writes: the reservation id,
     each line's scope and key, and the record's id, scopes, models and action."""
+    # The common case (ASCII str everywhere) is checked inline, without a call per name: this
+    # runs on every reserve and settle.
+    names: list[object] = [reservation_id] if reservation_id is not None else []
+    for ln in lines:
+        names.append(ln.scope)
+        names.append(ln.key)
+    if record is not None:
+        names.append(record.reservation_id)
+        names.extend(record.scopes)
+        names.append(record.model)
+        names.append(record.requested_model)
+        names.append(record.action)
+    try:
+        if "".join(names).isascii():  # type: ignore[arg-type]  # a non-str raises TypeError
+            return
+    except TypeError:
+        pass
     if reservation_id is not None:
         check_text("reservation id", reservation_id)
     for ln in lines:
-        if not (valid_text(ln.scope) and valid_text(ln.key)):
-            check_text("scope name", ln.scope)
-            check_text("line key", ln.key)
+        check_text("scope name", ln.scope)
+        check_text("line key", ln.key)
     if record is not None:
         if record.reservation_id is not None:
             check_text("usage record reservation id", record.reservation_id)
