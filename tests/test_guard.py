@@ -655,3 +655,15 @@ def test_default_reservation_ids_are_uuid7_in_time_order(monkeypatch: pytest.Mon
     assert int(ids[0][:12], 16) == 1_790_000_000_000
     g = make([{"scope": "team:*", "tokens": 10**6, "window": "day"}])
     assert uuid.UUID(call(g).reservation_id).version == 7
+
+
+async def test_aclose_writes_pending_spend_and_closes_the_ledger() -> None:
+    """aclose, the async twin of close, writes the spend kept during an outage first."""
+    guard, ledger, _ = flaky_guard("fail_closed")
+    d = call(guard)
+    ledger.down = True
+    guard.settle(d, Usage(100, 50))
+    ledger.down = False
+    await guard.aclose()
+    assert guard.pending == 0
+    assert ledger.inner.records()[-1].reservation_id == d.reservation_id

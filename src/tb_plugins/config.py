@@ -309,17 +309,45 @@ class PriceSpec(_Strict):
 
 
 class AlertSinkSpec(_Strict):
-    """One entry of ``alerts:``: ``{log: warning}`` or ``{webhook: http://…}``."""
+    """One entry of ``alerts:``: ``{log: warning}``, ``{webhook: https://…}`` or
+    ``{slack: https://hooks.slack.com/…}``.
+
+    A webhook or Slack entry may also set ``timeout`` (each POST; a duration, positive, at most
+    60 s; default 5 s) and ``retries`` (after a failed POST; 0 to 10; default 3).
+    """
 
     log: Literal["debug", "info", "warning", "error", "critical"] | None = None
     webhook: str | None = None
+    slack: str | None = None
+    timeout: Timeout | None = None
+    retries: int | None = None
+
+    @field_validator("retries", mode="before")
+    @classmethod
+    def _retries(cls, v: Any) -> Any:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 10):
+            raise ValueError(f"expected a whole number from 0 to 10, got {short_repr(v)}")
+        return v
+
+    @property
+    def url(self) -> str | None:
+        """The webhook or Slack URL (None for a log sink)."""
+        return self.webhook if self.webhook is not None else self.slack
 
     @model_validator(mode="after")
     def _one(self) -> AlertSinkSpec:
-        if (self.log is None) == (self.webhook is None):
-            raise ValueError("an alert sink is exactly one of 'log: <level>' or 'webhook: <url>'")
-        if self.webhook is not None and not self.webhook.startswith(("http://", "https://")):
-            raise ValueError(f"field 'webhook': expected an http(s) URL, got {self.webhook!r}")
+        given = [k for k in ("log", "webhook", "slack") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "an alert sink is exactly one of 'log: <level>', 'webhook: <url>' or "
+                f"'slack: <url>', got {' and '.join(given) or 'none'}"
+            )
+        (kind,) = given
+        url = self.url
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"field {kind!r}: expected an http(s) URL, got {short_repr(url)}")
+        if kind == "log" and (self.timeout is not None or self.retries is not None):
+            raise ValueError("'timeout' and 'retries' apply to webhook and slack sinks only")
         return self
 
 

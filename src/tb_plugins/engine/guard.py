@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -36,7 +37,7 @@ from tb_plugins.core.request import Request
 from tb_plugins.core.urls import redact_url
 from tb_plugins.core.usage import Usage, UsageRecord, UsageRow
 from tb_plugins.core.windows import Clock, system_clock
-from tb_plugins.engine.alerts import AlertSink, LogSink, WebhookSink
+from tb_plugins.engine.alerts import AlertSink, LogSink, SlackSink, WebhookSink
 from tb_plugins.engine.clock import LedgerClock
 from tb_plugins.engine.decision import BudgetStatus, Charge, Decision, statuses
 from tb_plugins.engine.drivers import adrive, drive
@@ -58,6 +59,8 @@ if TYPE_CHECKING:  # pydantic loads with the first policy, not with `import tb_p
 __all__ = ["BudgetGuard"]
 
 logger = logging.getLogger("tb_plugins")
+
+_SINK_FLUSH_SECONDS = 2.0  # what close() waits, in all, for alert sinks to send their queues
 
 
 class BudgetGuard(Flows):
@@ -108,8 +111,14 @@ class BudgetGuard(Flows):
         for spec in policy.alerts:
             if spec.log is not None:
                 self._sinks.append(LogSink(spec.log))
-            elif spec.webhook is not None:
-                self._sinks.append(WebhookSink(spec.webhook))
+            elif spec.url is not None:
+                options: dict[str, Any] = {}
+                if spec.timeout is not None:
+                    options["timeout"] = spec.timeout
+                if spec.retries is not None:
+                    options["retries"] = spec.retries
+                sink = SlackSink if spec.slack is not None else WebhookSink
+                self._sinks.append(sink(spec.url, **options))
         self._sinks.extend(alert_sinks)
         self.writeback = WriteBack()
         # Line keys last seen past a downgrade_at fraction (only those: the set stays small).
@@ -142,9 +151,36 @@ class BudgetGuard(Flows):
         self._sinks.append(sink)
 
     def close(self) -> None:
-        """Write pending spend if the ledger is back, then close it."""
-        self.flush()
-        self.ledger.close()
+        """Write pending spend if the ledger is back, then close it.
+
+        Alert sinks with a ``flush(timeout)`` (webhook, Slack) get a couple of seconds in all to
+        send what they hold; what is still queued after that is left to their daemon threads.
+        """
+        try:
+            self.flush()
+            self.ledger.close()
+        finally:
+            self._flush_sinks(_SINK_FLUSH_SECONDS)
+
+    async def aclose(self) -> None:
+        """Async :meth:`close` (the alert sinks are flushed in a worker thread)."""
+        import asyncio
+
+        try:
+            await self.aflush()
+            await self.ledger.aclose()
+        finally:
+            await asyncio.to_thread(self._flush_sinks, _SINK_FLUSH_SECONDS)
+
+    def _flush_sinks(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for sink in self._sinks:
+            flush = getattr(sink, "flush", None)
+            if callable(flush):
+                try:
+                    flush(max(0.0, deadline - time.monotonic()))
+                except Exception:
+                    logger.exception("tb_plugins: flushing alert sink %r failed", sink)
 
     # -- check -----------------------------------------------------------------------------
 
