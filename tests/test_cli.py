@@ -89,6 +89,28 @@ def test_status_table_for_one_scope(policy: Path, capsys: pytest.CaptureFixture[
     assert "user:bob" in out and "team:search" not in out and "1,300" in out
 
 
+@pytest.mark.parametrize(
+    ("kind", "keys"), [("user", {"user:ann", "user:bob"}), ("team", {"team:search"})]
+)
+def test_report_by_a_scope_kind_has_one_row_per_scope_of_that_kind(
+    policy: Path, capsys: pytest.CaptureFixture[str], kind: str, keys: set[str]
+) -> None:
+    """`tb report --by user` (or team, key, agent, ...) totals each scope of that kind only,
+    and the rows add up to what those scopes spent."""
+    assert main(["--config", str(policy), "report", "--by", kind, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r[kind] for r in rows} == keys
+    assert sum(r["tokens"] for r in rows) == 1700  # ann 400 + bob 1,300; team:search 1,700
+
+
+def test_usage_refuses_an_unknown_grouping(policy: Path) -> None:
+    """guard.usage(group_by=...) names the groupings it knows when given another."""
+    guard = BudgetGuard.from_config(policy)
+    with pytest.raises(ValueError, match="scope kind"):
+        guard.usage(group_by="tenant")  # type: ignore[arg-type]
+    guard.close()
+
+
 def test_report_by_scope_as_csv(
     policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

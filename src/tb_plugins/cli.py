@@ -161,8 +161,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Show totals from the usage log, grouped by scope, model or day. Models are grouped
-    by their bare name: ``openai/gpt-4o`` and ``gpt-4o`` are one row."""
+    """Show totals from the usage log, grouped by scope, model, day, or the scopes of one kind
+    (``--by user``: one row per user). Models are grouped by their bare name: ``openai/gpt-4o``
+    and ``gpt-4o`` are one row."""
     guard = _guard(args)
     since = parse_since(args.since) if args.since else None
     until = parse_since(args.until) if args.until else None
@@ -307,7 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="start: 24h, 7d, 2026-11-01, or epoch seconds")
     p.add_argument("--until", help="end, in the same forms")
     p.add_argument(
-        "--by", choices=["scope", "model", "day"], default="scope", help="group by (default: scope)"
+        "--by",
+        choices=[
+            "scope",
+            "model",
+            "day",
+            "user",
+            "team",
+            "key",
+            "feature",
+            "agent",
+            "org",
+            "end_user",
+            "session",
+            "run",
+            "chain",
+        ],
+        default="scope",
+        help="group by scope, model, day, or the scopes of one kind (default: scope)",
     )
     p.add_argument("--scope", help="only calls charged to this scope")
     config_option(p, after_command=True)

@@ -30,10 +30,11 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from tb_plugins.core.pricing import PriceTable
 from tb_plugins.core.request import Request
+from tb_plugins.core.scopes import KNOWN_KINDS
 from tb_plugins.core.urls import redact_url
 from tb_plugins.core.usage import Usage, UsageRecord, UsageRow
 from tb_plugins.core.windows import Clock, system_clock
@@ -56,7 +57,13 @@ if TYPE_CHECKING:  # pydantic loads with the first policy, not with `import tb_p
     from tb_plugins.core.budgets import Budget
     from tb_plugins.counting import Tokenizer
 
-__all__ = ["BudgetGuard"]
+__all__ = ["BudgetGuard", "ReportBy"]
+
+ReportBy = Literal[
+    "scope", "model", "day",
+    "org", "team", "user", "key", "end_user", "feature", "chain", "agent", "run", "session",
+]  # fmt: skip
+"""How :meth:`BudgetGuard.usage` groups: by scope, model or day, or by the scopes of a kind."""
 
 logger = logging.getLogger("tb_plugins")
 
@@ -331,24 +338,34 @@ class BudgetGuard(Flows):
         *,
         since: float | datetime | None = None,
         until: float | datetime | None = None,
-        group_by: GroupBy = "scope",
+        group_by: ReportBy = "scope",
         scope: str | None = None,
     ) -> list[UsageRow]:
-        """Totals from the usage log, grouped by ``scope``, ``model`` or ``day`` (UTC)."""
-        return self.ledger.usage(since=_ts(since), until=_ts(until), group_by=group_by, scope=scope)
+        """Totals from the usage log, grouped by ``scope``, ``model`` or ``day`` (UTC), or by
+        the scopes of one kind (``user``, ``team``, ``key``, ``feature``, ``agent``, ...: a
+        call counts under each of its scopes, so these are the per-user, per-team ... totals).
+
+        Raises:
+            ValueError: ``group_by`` is none of those.
+        """
+        by = _ledger_group(group_by)
+        rows = self.ledger.usage(since=_ts(since), until=_ts(until), group_by=by, scope=scope)
+        return _of_kind(rows, group_by)
 
     async def ausage(
         self,
         *,
         since: float | datetime | None = None,
         until: float | datetime | None = None,
-        group_by: GroupBy = "scope",
+        group_by: ReportBy = "scope",
         scope: str | None = None,
     ) -> list[UsageRow]:
         """Async :meth:`usage`."""
-        return await self.ledger.ausage(
-            since=_ts(since), until=_ts(until), group_by=group_by, scope=scope
+        by = _ledger_group(group_by)
+        rows = await self.ledger.ausage(
+            since=_ts(since), until=_ts(until), group_by=by, scope=scope
         )
+        return _of_kind(rows, group_by)
 
     def scope_path(self, scopes: Iterable[str]) -> tuple[str, ...]:
         """``global`` plus the given scopes, in order, without repeats (see
@@ -430,6 +447,24 @@ def _open_ledger(policy: Policy) -> Ledger:
         logger.error(msg)
         warnings.warn(msg, FailOpenWarning, stacklevel=4)
         return ledger if ledger is not None else DeferredLedger(url, exc, timeout=timeout)
+
+
+def _ledger_group(group_by: str) -> GroupBy:
+    if group_by in ("scope", "model", "day"):
+        return group_by  # type: ignore[return-value]
+    if group_by in KNOWN_KINDS and group_by != "global":
+        return "scope"
+    kinds = ", ".join(k for k in KNOWN_KINDS if k != "global")
+    raise ValueError(
+        f"group_by must be 'scope', 'model', 'day' or a scope kind ({kinds}), not {group_by!r}"
+    )
+
+
+def _of_kind(rows: list[UsageRow], group_by: str) -> list[UsageRow]:
+    if group_by in ("scope", "model", "day"):
+        return rows
+    prefix = group_by + ":"
+    return [r for r in rows if r.key.startswith(prefix)]
 
 
 def _ts(value: float | datetime | None) -> float | None:
