@@ -13,7 +13,17 @@ from typing import Any
 from tb_plugins.core.scopes import escape_text
 from tb_plugins.core.urls import redact_url
 
-__all__ = ["fmt_amount", "fmt_time", "hanging", "redact_url", "table", "wrap"]
+__all__ = [
+    "bar",
+    "fmt_amount",
+    "fmt_clock",
+    "fmt_time",
+    "hanging",
+    "fmt_span",
+    "redact_url",
+    "table",
+    "wrap",
+]
 
 
 def fmt_time(ts: float | None) -> str:
@@ -30,14 +40,60 @@ def fmt_amount(unit: str, value: float) -> str:
     return f"{value:,.0f}"
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain text table with aligned columns; control characters in cells are escaped."""
+def fmt_clock(ts: float | None, now: float) -> str:
+    """An epoch time, short: ``14:20`` on the UTC day of ``now``, else ``12-09 14:20``;
+    ``now`` when it is not after ``now``; ``-`` for None."""
+    if ts is None:
+        return "-"
+    if ts <= now:
+        return "now"
+    at = datetime.fromtimestamp(ts, tz=timezone.utc)
+    today = datetime.fromtimestamp(now, tz=timezone.utc).date()
+    return at.strftime("%H:%M" if at.date() == today else "%m-%d %H:%M")
+
+
+def bar(fraction: float, width: int = 10) -> str:
+    """A fraction as an ASCII bar: ``bar(0.3)`` is ``[###-------]`` (full from 1 on)."""
+    filled = round(min(max(fraction, 0.0), 1.0) * width)
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def fmt_span(seconds: float) -> str:
+    """A time span, short: ``45s``, ``12m``, ``9h40m``, ``23d4h``."""
+    s = max(int(seconds), 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], *, width: int | None = None
+) -> str:
+    """A plain text table with aligned columns; control characters in cells are escaped.
+
+    With ``width``, a first-column cell too long for the lines to fit in ``width`` characters
+    goes on a line (or lines) of its own above its row, whole; the row starts blank.
+    """
     cells = [[escape_text(str(h)) for h in headers]] + [
         [escape_text(str(c)) for c in r] for r in rows
     ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
+    above: dict[int, list[str]] = {}
+    if width is not None and sum(widths) + 2 * (len(widths) - 1) > width:
+        rest = sum(widths[1:]) + 2 * (len(widths) - 1)
+        widths[0] = max(width - rest, len(cells[0][0]), 1)
+        for n, r in enumerate(cells[1:], 1):
+            if len(r[0]) > widths[0]:
+                above[n] = [r[0][i : i + width] for i in range(0, len(r[0]), width)]
+                r[0] = ""
+        widths[0] = max(len(r[0]) for r in cells)
+    lines: list[str] = []
     for n, r in enumerate(cells):
+        lines.extend(above.get(n, ()))
         lines.append(
             "  ".join(
                 c.rjust(w) if n and _numeric(c) else c.ljust(w)
@@ -50,7 +106,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _numeric(text: str) -> bool:
-    return bool(text) and (text[0].isdigit() or text[0] == "$") and not text.endswith("UTC")
+    # an amount or a span ("1,234", "$0.5", "9h40m"), not a time or a limit ("$5/month")
+    return bool(text) and (text[0].isdigit() or text[0] == "$") and not any(c in text for c in " /")
 
 
 # A word, where a quoted name counts as part of the word it stands in, spaces and all.

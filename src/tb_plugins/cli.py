@@ -25,13 +25,14 @@ from dataclasses import fields, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from tb_plugins._format import fmt_amount, fmt_time, redact_url, table
+from tb_plugins._format import bar, fmt_amount, fmt_clock, fmt_span, redact_url, table
 from tb_plugins.core.models import bare_model
 from tb_plugins.core.scopes import escape_text
 from tb_plugins.errors import ConfigError, TokenBudgetError
 
 if TYPE_CHECKING:
     from tb_plugins.core.usage import UsageRow
+    from tb_plugins.engine.decision import BudgetStatus
 
 __all__ = ["main"]
 
@@ -43,8 +44,11 @@ def emit(
     headers: Sequence[str],
     rows: Sequence[Sequence[Any]],
     records: Sequence[dict[str, Any]],
+    *,
+    width: int | None = None,
 ) -> None:
-    """Print rows as a table, JSON (``--json``) or CSV (``--csv``).
+    """Print rows as a table, JSON (``--json``) or CSV (``--csv``); a table wider than
+    ``width`` has its first column cut to fit.
 
     No output form prints a raw control character: JSON escapes them itself, tables and CSV
     through :func:`~tb_plugins.core.scopes.escape_text`.
@@ -60,7 +64,7 @@ def emit(
         )
         print(buf.getvalue(), end="")
     elif rows:
-        print(table(headers, rows))
+        print(table(headers, rows, width=width))
     else:
         print("(nothing to show)")
 
@@ -132,32 +136,51 @@ def _guard(args: argparse.Namespace) -> Any:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Show every budget's spend, holds and limit in the current window."""
+    """Show every budget's use (a bar), spend, what is left, how long until it resets and, at
+    the burn rate of the last hour, when it runs out (UTC; ``now`` if spent, ``-`` if not
+    before it resets). The table fits 80 columns: a scope name too long for its row goes
+    on its own line above it; ``--json`` and ``--csv`` carry every field."""
     guard = _guard(args)
     try:
+        now = guard.now()
         rows = guard.status(args.scope)
     finally:
         guard.ledger.close()
     emit(
         args,
-        ["scope", "budget", "window", "unit", "spent", "held", "limit", "used", "resets"],
+        ["scope", "budget", "used", "spent", "left", "resets", "runs out"],
         [
             [
                 s.scope,
-                s.budget,
-                s.window,
-                s.unit,
+                _limit_label(s),
+                bar(s.utilization),
                 fmt_amount(s.unit, s.spent),
-                fmt_amount(s.unit, s.reserved),
-                fmt_amount(s.unit, s.limit),
-                f"{s.utilization:.0%}",
-                fmt_time(s.resets_at),
+                fmt_amount(s.unit, s.remaining),
+                "never" if s.resets_at is None else fmt_span(s.resets_at - now),
+                fmt_clock(s.forecast_exhausted_at, now),
             ]
             for s in rows
         ],
         [s.to_dict() for s in rows],
+        width=STATUS_WIDTH,
     )
     return 0
+
+
+STATUS_WIDTH = 80
+"""The widest line of the ``tb status`` table."""
+
+
+def _limit_label(s: BudgetStatus) -> str:
+    """A limit, short: ``20,000 tokens/day``, ``2M output/month``, ``$5/month``, ``50 calls
+    total`` (``input`` and ``output`` stand for ``input_tokens`` and ``output_tokens``)."""
+    if s.unit == "usd":
+        amount = f"${s.limit:,.4f}".rstrip("0").rstrip(".")
+    else:
+        n = s.limit
+        count = f"{n / 1e6:g}M" if n >= 1e6 and n % 100_000 == 0 else fmt_amount(s.unit, n)
+        amount = f"{count} {s.unit.removesuffix('_tokens')}"
+    return f"{amount} total" if s.window == "total" else f"{amount}/{s.window}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from tb_plugins.core.policy import LinePlan, Plan
-from tb_plugins.core.usage import UNITS, unit_value
+from tb_plugins.core.usage import (
+    CALLS,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    REQUESTS,
+    TOKENS,
+    UNIT_INDEX,
+    UNITS,
+    USD,
+    UsageRow,
+    unit_value,
+)
 from tb_plugins.engine.alerts import Alert
 from tb_plugins.ledger.base import LineState
 
@@ -22,11 +33,19 @@ __all__ = [
     "Charge",
     "Decision",
     "Estimate",
+    "FORECAST_TRAILING_SECONDS",
+    "forecast_queries",
     "new_reservation_id",
     "statuses",
+    "with_forecasts",
 ]
 
 Action = Literal["allow", "clamp", "downgrade"]
+
+FORECAST_TRAILING_SECONDS = 3600.0
+"""How far back :meth:`BudgetGuard.status <tb_plugins.engine.guard.BudgetGuard.status>` looks
+in the usage log for the burn rate a forecast extrapolates: the last hour, or the time since
+the window started when that is shorter."""
 
 
 def new_reservation_id() -> str:
@@ -130,6 +149,11 @@ class BudgetStatus:
     utilization: float
     window_start: float | None
     resets_at: float | None
+    forecast_exhausted_at: float | None = None
+    """When the limit runs out at the recent burn rate (epoch seconds): ``now`` when it is
+    already spent, None when it is not on course to run out before ``resets_at`` (any time,
+    for ``total``) or nothing was spent in the trailing period
+    (:data:`FORECAST_TRAILING_SECONDS`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (times as ISO 8601 too)."""
@@ -137,7 +161,11 @@ class BudgetStatus:
             f"{k}_iso": None
             if v is None
             else datetime.fromtimestamp(v, tz=timezone.utc).isoformat()
-            for k, v in (("window_start", self.window_start), ("resets_at", self.resets_at))
+            for k, v in (
+                ("window_start", self.window_start),
+                ("resets_at", self.resets_at),
+                ("forecast_exhausted_at", self.forecast_exhausted_at),
+            )
         }
         return {**self.__dict__, **iso}
 
@@ -174,4 +202,64 @@ def statuses(
                         resets_at=lp.resets_at,
                     )
                 )
+    return out
+
+
+def _trailing_since(status: BudgetStatus, now: float) -> float | None:
+    """Where the burn-rate period of ``status`` starts, or None when it is empty (the window
+    started just now)."""
+    period = FORECAST_TRAILING_SECONDS
+    if status.window_start is not None:
+        period = min(period, now - status.window_start)
+    return now - period if period > 0 else None
+
+
+def forecast_queries(sts: Sequence[BudgetStatus], now: float) -> list[tuple[str, float]]:
+    """The usage-log reads a forecast of ``sts`` needs, as ``(scope, since)`` without repeats:
+    one per scope, unless a window of it started less than
+    :data:`FORECAST_TRAILING_SECONDS` ago (its period is shorter, so it gets its own read)."""
+    out: list[tuple[str, float]] = []
+    for s in sts:
+        since = _trailing_since(s, now)
+        if since is not None and (s.scope, since) not in out:
+            out.append((s.scope, since))
+    return out
+
+
+_ROW_UNIT: dict[int, Callable[[UsageRow], float]] = {  # calls are counted as requests
+    TOKENS: lambda r: float(r.tokens),
+    INPUT_TOKENS: lambda r: float(r.input_tokens),
+    OUTPUT_TOKENS: lambda r: float(r.output_tokens),
+    USD: lambda r: r.usd,
+    REQUESTS: lambda r: float(r.requests),
+    CALLS: lambda r: float(r.requests),
+}
+
+
+def with_forecasts(
+    sts: Sequence[BudgetStatus],
+    recent: Mapping[tuple[str, float], Sequence[UsageRow]],
+    now: float,
+) -> list[BudgetStatus]:
+    """``sts`` with ``forecast_exhausted_at`` set from the usage each ``(scope, since)`` of
+    :func:`forecast_queries` read (rows grouped by scope, from ``since`` on).
+
+    The burn rate is the spend of the trailing period over its length; the forecast is
+    ``now + remaining / rate``, kept only if it falls before the window resets. A limit
+    already spent forecasts ``now``.
+    """
+    out = []
+    for s in sts:
+        at: float | None = None
+        since = _trailing_since(s, now)
+        if s.remaining <= 0:
+            at = now
+        elif since is not None:
+            amount = _ROW_UNIT[UNIT_INDEX[s.unit]]
+            spent = sum(amount(r) for r in recent.get((s.scope, since), ()) if r.key == s.scope)
+            if spent > 0:
+                at = now + s.remaining / (spent / (now - since))
+                if s.resets_at is not None and at >= s.resets_at:
+                    at = None
+        out.append(replace(s, forecast_exhausted_at=at))
     return out

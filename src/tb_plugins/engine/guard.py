@@ -40,7 +40,14 @@ from tb_plugins.core.usage import Usage, UsageRecord, UsageRow
 from tb_plugins.core.windows import Clock, system_clock
 from tb_plugins.engine.alerts import AlertSink, LogSink, SlackSink, WebhookSink
 from tb_plugins.engine.clock import LedgerClock
-from tb_plugins.engine.decision import BudgetStatus, Charge, Decision, statuses
+from tb_plugins.engine.decision import (
+    BudgetStatus,
+    Charge,
+    Decision,
+    forecast_queries,
+    statuses,
+    with_forecasts,
+)
 from tb_plugins.engine.drivers import adrive, drive
 from tb_plugins.engine.estimate import Estimator
 from tb_plugins.engine.flows import Flows
@@ -318,12 +325,20 @@ class BudgetGuard(Flows):
     # -- reading ---------------------------------------------------------------------------
 
     def status(self, scope: str | None = None) -> list[BudgetStatus]:
-        """Every limit of every budget on ``scope`` (or on every scope the ledger knows)."""
+        """Every limit of every budget on ``scope`` (or on every scope the ledger knows), with
+        its forecast: when it runs out at the burn rate of the last hour
+        (:data:`~tb_plugins.engine.decision.FORECAST_TRAILING_SECONDS`), read from the usage
+        log with one query per scope."""
         now = self.now()
         known = () if scope is not None else [s for s, _w in self.ledger.scopes()]
         plans = self.planner.status_lines(scope, known, now)
         states = self.ledger.status([lp.line for lp in plans], now=now) if plans else ()
-        return statuses(plans, states, now, self.planner.tz)
+        out = statuses(plans, states, now, self.planner.tz)
+        recent = {
+            (s, since): self.ledger.usage(since=since, until=None, scope=s, group_by="scope")
+            for s, since in forecast_queries(out, now)
+        }
+        return with_forecasts(out, recent, now)
 
     async def astatus(self, scope: str | None = None) -> list[BudgetStatus]:
         """Async :meth:`status`."""
@@ -331,7 +346,12 @@ class BudgetGuard(Flows):
         known = () if scope is not None else [s for s, _w in await self.ledger.ascopes()]
         plans = self.planner.status_lines(scope, known, now)
         states = await self.ledger.astatus([lp.line for lp in plans], now=now) if plans else ()
-        return statuses(plans, states, now, self.planner.tz)
+        out = statuses(plans, states, now, self.planner.tz)
+        recent = {
+            (s, since): await self.ledger.ausage(since=since, until=None, scope=s, group_by="scope")
+            for s, since in forecast_queries(out, now)
+        }
+        return with_forecasts(out, recent, now)
 
     def usage(
         self,
