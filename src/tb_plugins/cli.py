@@ -1,9 +1,9 @@
-"""The ``tb`` command: status, reports, policy checks, and the offline demo.
+"""The ``tb`` command: status, reports, exports, policy checks, and the offline demo.
 
-``tb status`` and ``tb report`` read the policy named by ``--config FILE`` (before or after
-the command: ``tb --config b.yaml status`` or ``tb status --config b.yaml``) or
-``$TB_PLUGINS_CONFIG`` (default ``./budgets.yaml``) and the ledger that policy names. Output is
-a table, or ``--json`` / ``--csv``. ``tb --version`` prints the package's version.
+``tb status``, ``tb report`` and ``tb export`` read the policy named by ``--config FILE``
+(before or after the command: ``tb --config b.yaml status`` or ``tb status --config b.yaml``)
+or ``$TB_PLUGINS_CONFIG`` (default ``./budgets.yaml``) and the ledger that policy names.
+Output is a table, or ``--json`` / ``--csv``. ``tb --version`` prints the package's version.
 
 Scope and model names are whatever the application sent, so nothing from the ledger reaches
 the terminal raw: tables, CSV and error messages write control characters as ``\\xNN``
@@ -249,6 +249,41 @@ def by_bare_model(rows: Sequence[UsageRow]) -> list[UsageRow]:
     return sorted(merged.values(), key=lambda r: r.key)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the usage log (``--since`` / ``--until``), the policy's budgets and their status
+    now into the SQLite file FILE, for ``sqlite-utils`` and Datasette: tables ``usage`` (one
+    row per call or refusal, keyed by reservation id), ``usage_scopes`` (one row per scope of
+    a call: totals per scope are a GROUP BY), ``budgets`` and ``status``. Exporting to the same
+    file again replaces those four tables. Needs ``pip install 'tb-plugins[export]'``."""
+    import sqlite3
+
+    from tb_plugins._lazy import require
+    from tb_plugins.export import export_database
+
+    try:
+        require("sqlite_utils", "export")
+    except ImportError as exc:
+        print(f"tb: {exc}", file=sys.stderr)
+        return 1
+    since = parse_since(args.since) if args.since else None
+    until = parse_since(args.until) if args.until else None
+    guard = _guard(args)
+    try:
+        counts = export_database(guard, args.file, since=since, until=until)
+    except sqlite3.Error as exc:
+        print(escape_text(f"tb: {args.file}: cannot write the export ({exc})"), file=sys.stderr)
+        return 1
+    finally:
+        guard.ledger.close()
+    print(
+        escape_text(
+            f"{args.file}: {counts['usage']} usage records, {counts['budgets']} budgets, "
+            f"{counts['status']} status rows"
+        )
+    )
+    return 0
+
+
 def cmd_budgets_check(args: argparse.Namespace) -> int:
     """Validate a policy file and list its budgets."""
     from tb_plugins.config import load_policy
@@ -354,6 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(p, after_command=True)
     output_options(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "export",
+        help="usage log, budgets and status as a SQLite database",
+        description=cmd_export.__doc__,
+    )
+    p.add_argument("file", metavar="FILE", help="the SQLite file to write, e.g. usage.db")
+    p.add_argument("--since", help="start: 24h, 7d, 2026-11-01, or epoch seconds")
+    p.add_argument("--until", help="end, in the same forms")
+    config_option(p, after_command=True)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the offline end-to-end demo", description=cmd_demo.__doc__)
     p.add_argument("--keep", metavar="DIR", help="keep the policy and the ledger in DIR")
