@@ -412,3 +412,34 @@ def test_a_ledger_that_cannot_be_opened_warns_under_fail_open_and_is_used_once_i
     assert not d2.local and guard.pending == 0
     guard.release(d2)
     assert totals(guard) == (42, 0)
+
+
+# -- the exhausted alert -----------------------------------------------------------------------
+
+
+def test_the_first_refusal_of_a_window_fires_one_exhausted_alert_across_guards(
+    ledger: Ledger,
+) -> None:
+    """A budget's first refusal in a window sends one ``exhausted`` alert, whichever of two
+    guards sharing the ledger refuses first and however many refusals follow; the next window
+    fires again."""
+    fired: list[Any] = []
+    clock = Clock()
+    shared = Refusing(ledger, LedgerError("unused"))
+    shared.local_clock = True  # the test clock, not a server's, moves the window on
+    budgets = [{"scope": "team:a", "tokens": 1_000, "window": "rolling:1m"}]
+    a = guard_on(shared, budgets, clock=clock)
+    b = guard_on(shared, budgets, clock=clock)
+    a.add_alert_sink(fired.append)
+    b.add_alert_sink(fired.append)
+    a.settle(check(a, max_tokens=1), Usage(990, 0))
+    for guard in (a, b, a, b):
+        with pytest.raises(BudgetExceeded):
+            check(guard, max_tokens=100)
+    assert [(x.kind, x.scope) for x in fired] == [("exhausted", "team:a")]
+    assert "exhausted" in fired[0].message and fired[0].utilization >= 0.99
+    clock.t += 3600
+    a.settle(check(a, max_tokens=1), Usage(990, 0))
+    with pytest.raises(BudgetExceeded):
+        check(b, max_tokens=100)
+    assert [x.kind for x in fired] == ["exhausted", "exhausted"]

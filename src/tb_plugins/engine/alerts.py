@@ -33,7 +33,8 @@ _IDLE_SECONDS = 30.0  # a webhook worker with nothing to send for this long ends
 
 @dataclass(frozen=True)
 class Alert:
-    """A budget crossed a threshold.
+    """A budget crossed a threshold (``kind="threshold"``), or refused its first call of the
+    window (``kind="exhausted"``).
 
     Attributes:
         scope: the concrete scope, e.g. ``team:search``.
@@ -43,6 +44,7 @@ class Alert:
         utilization: the fraction used after the call that crossed it.
         resets_at: when the window resets (epoch seconds; None for ``total``).
         ts: when it fired.
+        kind: ``threshold`` or ``exhausted``.
     """
 
     scope: str
@@ -52,6 +54,7 @@ class Alert:
     utilization: float
     resets_at: float | None
     ts: float
+    kind: str = "threshold"
 
     @property
     def message(self) -> str:
@@ -62,6 +65,11 @@ class Alert:
             else "resets "
             + datetime.fromtimestamp(self.resets_at, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         )
+        if self.kind == "exhausted":
+            return (
+                f"budget {self.budget!r} for {self.scope} is exhausted: it refused a call "
+                f"({self.utilization:.0%} used; window {self.window} {reset})"
+            )
         return (
             f"budget {self.budget!r} for {self.scope} crossed {self.threshold:.0%} "
             f"({self.utilization:.0%} used; window {self.window} {reset})"

@@ -39,6 +39,7 @@ from tb_plugins.engine.estimate import Estimator, with_output
 from tb_plugins.engine.planning import LinePlanner
 from tb_plugins.engine.writeback import Pending, WriteBack
 from tb_plugins.errors import (
+    BudgetExceeded,
     BudgetRefused,
     LedgerError,
     LedgerUnavailable,
@@ -57,6 +58,7 @@ __all__ = ["Flows"]
 logger = logging.getLogger("tb_plugins")
 _MAX_ATTEMPTS = 6
 _HINT = "a budget is past its downgrade_at fraction"
+_EXHAUSTED_MEMORY = 4096  # exhausted-alert keys this process claimed (forgotten past this)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,7 @@ class Flows:
     listeners: list[Callable[[str, Mapping[str, Any]], None]]
     _sinks: list[AlertSink]
     _hints: set[str]
+    _exhausted: set[str]
     _issuer: str
 
     def now(self) -> float:  # pragma: no cover - the guard's
@@ -201,6 +204,7 @@ class Flows:
             break
         err = refusal(plan, lines, states, self.policy.min_output_tokens)
         yield from self._record_deny(call, err)
+        yield from self._exhausted_alert(call, err)
         raise err
 
     def _replan(self, request: Request, model: str, why: str) -> tuple[Plan, list[str]]:
@@ -273,6 +277,45 @@ class Flows:
         )
         self._emit("deny", {"error": err, "scopes": call.path, "model": call.model})
         yield from quiet("append_usage", (record,), {})
+
+    def _exhausted_alert(self, call: _Call, err: BudgetRefused) -> Flow[None]:
+        """The ``exhausted`` alert of the budget that refused: once per budget per window
+        across processes (the ledger's claim decides), and one claim per process at most."""
+        if not isinstance(err, BudgetExceeded) or not self._sinks:
+            return
+        lp = next(
+            (
+                lp
+                for lp in call.lines
+                if lp.line.scope == err.scope
+                and (err.budget in lp.limit_names or err.budget == lp.line.scope)
+            ),
+            None,
+        )
+        if lp is None:
+            return
+        key = f"{lp.line.key}|{lp.line.bucket}|exhausted|{err.budget}"
+        if key in self._exhausted:
+            return
+        if len(self._exhausted) > _EXHAUSTED_MEMORY:
+            self._exhausted.clear()
+        self._exhausted.add(key)
+        expires = None if lp.line.expires_at is None else lp.line.expires_at + 86400
+        won = yield from quiet("claim_alert", (key,), {"expires_at": expires})
+        if not won:
+            return
+        alert = Alert(
+            scope=err.scope,
+            budget=err.budget,
+            window=lp.line.window,
+            threshold=1.0,
+            utilization=(err.spent / err.limit) if err.limit else 1.0,
+            resets_at=err.resets_at,
+            ts=call.now,
+            kind="exhausted",
+        )
+        dispatch(alert, self._sinks)
+        self._emit("alert", {"alert": alert})
 
     # -- settle and release ----------------------------------------------------------------
 

@@ -137,6 +137,7 @@ class BudgetGuard(Flows):
         self.writeback = WriteBack()
         # Line keys last seen past a downgrade_at fraction (only those: the set stays small).
         self._hints: set[str] = set()
+        self._exhausted: set[str] = set()  # exhausted-alert keys claimed from this process
         self.listeners: list[Callable[[str, Mapping[str, Any]], None]] = []
 
     # -- construction ----------------------------------------------------------------------
