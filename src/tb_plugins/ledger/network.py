@@ -14,27 +14,19 @@ import logging
 import threading
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit
 
+from tb_plugins.core.urls import redact_url
 from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
 from tb_plugins.ledger.flow import Flow, FlowLedger
 
-__all__ = ["NetworkLedger", "hide_password", "split_line_key", "url_options"]
+__all__ = ["NetworkLedger", "split_line_key", "url_options"]
 
 T = TypeVar("T")
 logger = logging.getLogger("tb_plugins")
 
 ORPHANS_MAX = 10_000  # reservation ids kept for a later release (the oldest expire by their TTL)
 ORPHANS_BATCH = 500  # ids released per round trip
-
-
-def hide_password(url: str) -> str:
-    """``url`` with its password, if any, shown as ``***``."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def url_options(
@@ -51,7 +43,7 @@ def url_options(
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ConfigError(
-            f"unknown option(s) {unknown} for ledger {hide_password(url)}; "
+            f"unknown option(s) {unknown} for ledger {redact_url(url)}; "
             f"known: {', '.join(known)} (and {others})"
         )
     query = parse_qsl(parts.query, keep_blank_values=True)

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from tb_plugins._lazy import require
+from tb_plugins.core.urls import redact_url
 from tb_plugins.core.windows import parse_duration
 from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
 from tb_plugins.ledger.base import _to_thread
 from tb_plugins.ledger.flow import Flow
-from tb_plugins.ledger.network import hide_password, url_options
+from tb_plugins.ledger.network import url_options
 from tb_plugins.ledger.postgres import codec
 from tb_plugins.ledger.postgres.operations import PostgresOperations, call, fetchone
 from tb_plugins.ledger.postgres.watchdog import WATCHDOG
@@ -114,7 +115,7 @@ class PostgresLedger(PostgresOperations):
                 f"{', '.join(_SYNCHRONOUS_COMMIT)}, got {synchronous_commit!r}"
             )
         self.synchronous_commit = commit
-        self.url = display_url or hide_password(conninfo)
+        self.url = display_url or redact_url(conninfo)
         self.schema = schema
         self.timeout = float(timeout)
         self.pool_min, self.pool_max = pool_min, pool_max
@@ -165,7 +166,7 @@ class PostgresLedger(PostgresOperations):
             raise ConfigError(
                 f"not a PostgreSQL ledger URL: {url!r} (use postgresql://user@host/dbname)"
             )
-        shown = hide_password(url)
+        shown = redact_url(url)
         ours, rest = url_options(url, options, _OPTIONS, "libpq's URL parameters")
         conninfo = urlunsplit(rest._replace(scheme="postgresql"))
         try:

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from tb_plugins._lazy import require
+from tb_plugins.core.urls import redact_url
 from tb_plugins.core.windows import parse_duration
 from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
 from tb_plugins.ledger.flow import Flow
-from tb_plugins.ledger.network import hide_password, url_options
+from tb_plugins.ledger.network import url_options
 from tb_plugins.ledger.redis.operations import PIPELINE, RedisOperations
 
 if TYPE_CHECKING:
@@ -110,14 +111,14 @@ class RedisLedger(RedisOperations):
             usage_ttl = ours.get("usage_ttl")
             usage = None if usage_ttl in (None, "", "forever") else parse_duration(usage_ttl)
         except ValueError as exc:
-            raise ConfigError(f"ledger {hide_password(url)}: {exc}") from None
+            raise ConfigError(f"ledger {redact_url(url)}: {exc}") from None
         return cls(
             urlunsplit(rest),
             prefix=str(ours.get("prefix", "tb")),
             timeout=timeout,
             settled_ttl=settled,
             usage_ttl=usage,
-            display_url=hide_password(url),
+            display_url=redact_url(url),
         )
 
     def __repr__(self) -> str:
