@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Request"]
@@ -35,7 +35,6 @@ class Request:
         reservation_id: an id for the hold (default: a new time-ordered UUID).
         adjust: False when the caller cannot change the request (a callback that only
             observes): the answer is then ``allow`` or a refusal, never clamp/downgrade.
-        metadata: what the integration knows besides (not used to decide).
     """
 
     model: str
@@ -47,4 +46,3 @@ class Request:
     input_tokens: int | None = None
     reservation_id: str | None = None
     adjust: bool = True
-    metadata: Mapping[str, Any] = field(default_factory=dict)

@@ -28,13 +28,12 @@ class LedgerClock:
 
     Args:
         clock: epoch seconds now (the local wall clock; inject one in tests).
-        monotonic: a clock that never steps back (default ``time.monotonic``, or ``clock``
-            when only ``clock`` is injected, so a test moves both at once).
+        monotonic: a clock that never steps back (default ``time.monotonic``).
     """
 
-    def __init__(self, clock: Clock, monotonic: Clock | None = None, *, injected: bool = False):
+    def __init__(self, clock: Clock, monotonic: Clock | None = None):
         self.clock = clock
-        self.mono: Clock = monotonic or (clock if injected else time.monotonic)
+        self.mono: Clock = monotonic or time.monotonic
         self._server_at: float | None = None
         self._server_mono = 0.0
         self._synced_at: float | None = None

@@ -367,7 +367,6 @@ class Flows:
         watch = [i for i, lp in enumerate(decision.lines) if lp.alerts]
         fired: list[Alert] = []
         applied = True
-        pending = Pending(decision.reservation_id, tuple(line_list), charged, record)
         try:
             if decision.local:  # the ledger was down at check: do not wait for it again
                 raise LedgerUnavailable("it was unreachable when the call was checked")
@@ -376,11 +375,13 @@ class Flows:
                 (decision.reservation_id, line_list, charged, record),
                 {"now": now, "watch": watch},
             )
-        except LedgerUnavailable as exc:
-            self.writeback.keep(pending, exc)
-        except LedgerError as exc:
-            applied = False
-            self.writeback.reject(pending, exc)
+        except LedgerError as exc:  # kept for the write-back (an outage) or set aside (refused)
+            entry = Pending(decision.reservation_id, tuple(line_list), charged, record)
+            if isinstance(exc, LedgerUnavailable):
+                self.writeback.keep(entry, exc)
+            else:
+                applied = False
+                self.writeback.reject(entry, exc)
         else:
             applied = result.applied
             if applied:

@@ -115,7 +115,7 @@ class BudgetGuard(Flows):
         self.policy = policy
         self.ledger = ledger if ledger is not None else _open_ledger(policy)
         self.clock: Clock = clock or system_clock
-        self._time = LedgerClock(self.clock, monotonic, injected=clock is not None)
+        self._time = LedgerClock(self.clock, monotonic or clock)  # a test clock moves both
         self._issuer = os.urandom(8).hex()  # marks this guard's decisions
         self.estimator = Estimator(policy, tokenizer, prices)
         self.pricing = self.estimator.pricing
