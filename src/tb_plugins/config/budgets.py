@@ -1,0 +1,185 @@
+"""One entry of ``budgets:`` (written out or as ``limit: 200k tokens/day``) and the
+:class:`~tb_plugins.core.budgets.Budget` the guard compiles it into."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from tb_plugins.config.fields import (
+    Dollars,
+    Fraction,
+    Quantity,
+    _fraction,
+    _no_bool,
+    _Strict,
+)
+from tb_plugins.core.budgets import Budget
+from tb_plugins.core.quantities import parse_quantity, parse_usd, short_repr
+from tb_plugins.core.scopes import escape_text, normalize_scope
+from tb_plugins.core.usage import NO_LIMITS, UNIT_INDEX, usd_to_nano
+from tb_plugins.core.windows import parse_window
+
+__all__ = ["BudgetSpec", "compile_budget"]
+
+_MAX_ONE_LINE = 200
+_ONE_LINE = re.compile(
+    r"^\s*(?P<amount>\$?[\d_.,]+(?:\s*[kmbgKMBG](?![a-z]))?)\s*(?P<unit>[a-z_]+)?\s*/\s*(?P<window>\S+)\s*$"
+)
+
+
+class BudgetSpec(_Strict):
+    """One entry of ``budgets:`` as written in the file.
+
+    ``scope`` goes through :func:`~tb_plugins.core.scopes.normalize_scope` (a known kind, no
+    control character, at most :data:`~tb_plugins.core.scopes.MAX_SCOPE_LENGTH` characters).
+    ``tokens``, ``input_tokens``, ``output_tokens``, ``requests`` and ``calls`` are at most
+    :data:`~tb_plugins.core.usage.MAX_LIMIT` (10**15); ``usd`` is finite and at most
+    :data:`~tb_plugins.core.usage.MAX_LIMIT_USD` ($1,000,000,000); a rolling window is at most
+    :data:`~tb_plugins.core.windows.MAX_ROLLING` (366 days); ``alerts`` and ``downgrade_at`` are
+    fractions in (0, 1].
+    """
+
+    scope: str
+    window: str = ""
+    name: str | None = None
+    limit: str | None = None
+    tokens: Quantity | None = None
+    input_tokens: Quantity | None = None
+    output_tokens: Quantity | None = None
+    usd: Dollars | None = None
+    requests: Quantity | None = None
+    calls: Quantity | None = None
+    alerts: list[float] = Field(default_factory=list)
+    downgrade_at: Fraction | None = None
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, v: str) -> str:
+        return normalize_scope(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and escape_text(v) != v:
+            raise ValueError(
+                f"budget name {v!r} contains a control character; names are printable text"
+            )
+        return v
+
+    @field_validator("alerts", mode="before")
+    @classmethod
+    def _alerts_given(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for t in v:
+                _no_bool(t)
+        return v
+
+    @field_validator("alerts")
+    @classmethod
+    def _alerts(cls, v: list[float]) -> list[float]:
+        for t in v:
+            _fraction("an alert threshold", t)
+        return sorted(set(v))
+
+    @field_validator("downgrade_at")
+    @classmethod
+    def _downgrade_at(cls, v: float | None) -> float | None:
+        return None if v is None else _fraction("downgrade_at", v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_limit(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping) or data.get("limit") is None:
+            return data
+        text = data["limit"]
+        if not isinstance(text, str):
+            raise ValueError(
+                f"field 'limit': expected text such as '200k tokens/day', got {short_repr(text)}"
+            )
+        if len(text) > _MAX_ONE_LINE:
+            raise ValueError(
+                f"field 'limit': {short_repr(text)} is longer than {_MAX_ONE_LINE} characters"
+            )
+        # One space per gap: _ONE_LINE's neighbouring optional spaces would otherwise
+        # backtrack quadratically on a long run of blanks.
+        m = _ONE_LINE.match(" ".join(text.split()))
+        if not m:
+            raise ValueError(
+                f"field 'limit': cannot read {short_repr(text)}; "
+                f"write e.g. '200k tokens/day' or '$5/month'"
+            )
+        out = dict(data)
+        amount, unit, window = m.group("amount"), m.group("unit"), m.group("window")
+        if amount.startswith("$"):
+            if unit not in (None, "usd"):
+                raise ValueError(f"field 'limit': '$' goes with usd, not {unit!r}, in {text!r}")
+            unit = "usd"
+        if unit is None or unit not in UNIT_INDEX:
+            raise ValueError(
+                f"field 'limit': unknown unit {unit!r} in {text!r}; "
+                f"use one of {', '.join(UNIT_INDEX)}"
+            )
+        if unit in out:
+            raise ValueError(f"field 'limit': {unit!r} is given twice (also in 'limit')")
+        try:
+            out[unit] = parse_usd(amount) if unit == "usd" else parse_quantity(amount)
+        except ValueError as exc:
+            raise ValueError(f"field 'limit': {exc}") from None
+        if out.get("window") not in (None, "", window):
+            raise ValueError(
+                f"field 'limit': window {window!r} contradicts window {out['window']!r}"
+            )
+        out["window"] = window
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> BudgetSpec:
+        if not self.window:
+            raise ValueError(
+                "field 'window' is required: minute, hour, day, week, month, total or rolling:<d>"
+            )
+        try:
+            parse_window(self.window)
+        except ValueError as exc:
+            raise ValueError(f"field 'window': {exc}") from None
+        if all(getattr(self, u) is None for u in UNIT_INDEX):
+            raise ValueError(
+                "no limit given: set at least one of tokens, input_tokens, output_tokens, usd, "
+                "requests, calls"
+            )
+        if self.calls is not None and not self.scope.startswith(("run:", "session:")):
+            raise ValueError(
+                "field 'calls': the calls limit applies to 'run:' and 'session:' scopes"
+            )
+        return self
+
+
+def compile_budget(index: int, spec: BudgetSpec) -> Budget:
+    """One policy entry as the guard uses it (limits as an integer vector, window parsed)."""
+    limits = list(NO_LIMITS)
+    parts = []
+    for unit, i in UNIT_INDEX.items():
+        value = getattr(spec, unit)
+        if value is None:
+            continue
+        if unit == "usd":
+            limits[i] = usd_to_nano(float(value))
+            parts.append(f"${value:g}")
+        else:
+            limits[i] = int(value)
+            parts.append(f"{int(value):,} {unit}")
+    window = parse_window(spec.window)
+    name = spec.name or f"{spec.scope} {' + '.join(parts)}/{window.spec}"
+    return Budget(
+        index=index,
+        name=name,
+        pattern=spec.scope,
+        window=window,
+        limits=(limits[0], limits[1], limits[2], limits[3], limits[4], limits[5]),
+        alerts=tuple(spec.alerts),
+        downgrade_at=spec.downgrade_at,
+    )
