@@ -89,7 +89,7 @@ import os
 
 from tb_plugins import BudgetGuard
 from tb_plugins.integrations.litellm_proxy import TokenBudgetProxyHandler
-from tb_plugins.ledger.base import LineState, ReserveResult, SettleResult
+from tb_plugins.ledger.base import (LineState, ReserveResult, SettleResult)
 
 ZERO = (0,) * 6
 

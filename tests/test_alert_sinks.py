@@ -1,16 +1,22 @@
-"""Webhook and Slack alert sinks: delivery off the call path, retries, drops, payloads, policy."""
+"""Webhook and Slack alert sinks: delivery off the call path, retries, drops, payloads, policy;
+four processes sharing a ledger send each alert once."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tb_plugins import BudgetGuard, Usage
 from tb_plugins.config import load_policy_dict
@@ -76,7 +82,16 @@ def guard(sinks: list[Any], **policy: Any) -> BudgetGuard:
     data: dict[str, Any] = {
         "ledger": "memory://",
         "alerts": [],
-        "budgets": [{"scope": "team:a", "tokens": 100, "window": "day", "alerts": [0.1]}],
+        # One alert per crossing: no forecast alert (tests/test_forecast_alerts.py has those).
+        "budgets": [
+            {
+                "scope": "team:a",
+                "tokens": 100,
+                "window": "day",
+                "alerts": [0.1],
+                "forecast_alert": False,
+            }
+        ],
     }
     data.update(policy)
     return BudgetGuard.from_dict(data, clock=lambda: T0, alert_sinks=sinks)
@@ -277,3 +292,83 @@ def test_a_sink_refuses_a_url_that_is_not_http() -> None:
     """WebhookSink built in Python refuses other schemes as the policy does."""
     with pytest.raises(ValueError, match="http"):
         WebhookSink("file:///etc/passwd")
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    from tb_plugins import BudgetExceeded, BudgetGuard, Usage
+
+    guard = BudgetGuard.from_config(sys.argv[1])
+    for _ in range(12):
+        try:
+            d = guard.check(model="gpt-4o", input_tokens=1, max_tokens=1, scopes=["team:a"])
+        except BudgetExceeded:
+            continue
+        guard.settle(d, Usage(input_tokens=49, output_tokens=0))
+    guard.close()  # flushes the webhook queue
+    """
+)
+
+
+def test_four_processes_send_each_alert_once(receiver: Receiver, tmp_path: Path) -> None:
+    """Thresholds 50 % and 80 % and the first refusal of a 1,000-token day budget, crossed by
+    four processes racing on one ledger: exactly one POST each."""
+    policy = {
+        "ledger": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "alerts": [{"webhook": receiver.url}],
+        "budgets": [
+            {"scope": "team:a", "limit": "1k tokens/day", "alerts": [0.5, 0.8],
+             "forecast_alert": False},
+        ],
+    }  # fmt: skip
+    config = tmp_path / "budgets.yaml"
+    config.write_text(yaml.safe_dump(policy))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    workers = [
+        subprocess.Popen([sys.executable, str(script), str(config)], stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    for w in workers:
+        _, err = w.communicate(timeout=120)
+        assert w.returncode == 0, err.decode()
+    sent = sorted((r["json"]["kind"], r["json"]["threshold"]) for r in receiver.requests)
+    assert sent == [("exhausted", 1.0), ("threshold", 0.5), ("threshold", 0.8)]
+    assert all(r["json"]["scope"] == "team:a" for r in receiver.requests)
+    assert json.dumps(receiver.requests)  # every body was JSON
+
+
+def _call_seconds(guard: BudgetGuard, calls: int) -> float:
+    """Wall time of `calls` check + settle cycles that each cross a threshold."""
+    start = time.perf_counter()
+    for i in range(calls):
+        d = guard.check(model="gpt-4o", input_tokens=1, max_tokens=1, scopes=[f"team:t{i}"])
+        guard.settle(d, Usage(input_tokens=60, output_tokens=0))
+    return time.perf_counter() - start
+
+
+def test_a_hanging_or_failing_receiver_adds_nothing_to_call_latency(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """Twenty calls that each fire an alert take no longer (within 50 ms in all) against a
+    receiver that hangs or answers 500 than against no sink at all."""
+    budgets = [{"scope": "team:*", "tokens": 100, "window": "day", "alerts": [0.5],
+                "forecast_alert": False}]  # fmt: skip
+    data = {"ledger": "memory://", "alerts": [], "budgets": budgets}
+    baseline = min(_call_seconds(BudgetGuard.from_dict(data), 20) for _ in range(3))
+
+    hanging = BudgetGuard.from_dict({**data, "alerts": [{"webhook": receiver.url, "retries": 0}]})
+    receiver.hang = threading.Event()
+    with_hang = _call_seconds(hanging, 20)
+    receiver.hang.set()
+    receiver.hang = None
+
+    receiver.answers = [500] * 200
+    failing = BudgetGuard.from_dict({**data, "alerts": [{"webhook": receiver.url, "retries": 1}]})
+    with_500 = _call_seconds(failing, 20)
+    assert with_hang < baseline + 0.05, (with_hang, baseline)
+    assert with_500 < baseline + 0.05, (with_500, baseline)
+    assert receiver.arrived.is_set()  # the sinks really were sending meanwhile
+    hanging.close()
+    failing.close()

@@ -436,8 +436,8 @@ def test_batch_from_many_threads_settles_every_call_exactly() -> None:
 class _NullGuard:
     """Admits everything and keeps nothing, so only the handler's own memory is measured."""
 
-    def check(self, model: str, *args: Any, **kwargs: Any) -> Any:
-        return SimpleNamespace(model=model, reservation_id=kwargs["reservation_id"])
+    def check_request(self, request: Any) -> Any:
+        return SimpleNamespace(model=request.model, reservation_id=request.reservation_id)
 
     def settle(self, decision: Any, usage: Any = None) -> None:
         return None

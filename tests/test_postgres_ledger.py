@@ -133,7 +133,9 @@ def test_the_schema_is_created_on_first_use_and_versioned(
     assert sql("SELECT value FROM meta", schema=pg_schema) == [(str(SCHEMA_VERSION),)]
     tables = {r[0] for r in sql(
         "SELECT tablename FROM pg_tables WHERE schemaname = %s", pg_schema)}  # fmt: skip
-    assert tables == {"meta", "lines", "counters", "holds", "usage", "usage_scopes", "alerts"}
+    assert tables == {
+        "meta", "lines", "counters", "holds", "usage", "usage_scopes", "alerts", "overrides"
+    }  # fmt: skip
     persistence = dict(sql("SELECT relname, relpersistence FROM pg_class c JOIN pg_namespace n "
                            "ON n.oid = c.relnamespace WHERE nspname = %s AND relkind = 'r'",
                            pg_schema))  # fmt: skip
@@ -669,7 +671,7 @@ def test_a_version_3_schema_gets_the_functions_that_count_rolling_holds_in_full(
         (state,) = upgraded.status([later], now=T0 + 61)
         assert state.held[TOKENS] == 908
         assert sql("SELECT value FROM meta", schema=pg_schema) == [(str(SCHEMA_VERSION),)]
-        assert SCHEMA_VERSION == 4
+        assert SCHEMA_VERSION == 5  # version 4 counted rolling holds; 5 added overrides
         assert not upgraded.reserve("r2", [later], amt, now=T0 + 61, expires_at=T0 + TTL).ok
         assert running.status([later], now=T0 + 61)[0].held[TOKENS] == 908
     finally:

@@ -106,5 +106,6 @@ def test_status_shows_the_spend_the_script_settled(session: dict[str, str]) -> N
 def test_report_shows_the_call_and_the_refusal(session: dict[str, str]) -> None:
     """`tb report` totals the settled call and counts the refused one, per scope."""
     out = output_of(session, "tb report")
-    # requests, denied, input, output, cached, tokens, usd
-    assert row(out, "team:search").split()[1:] == ["1", "1", "9", "120", "0", "129", "$0.0012"]
+    # requests, input, output, cached, usd, usd/request, clamped, downgraded, denied
+    cells = ["1", "9", "120", "0", "$0.0012", "$0.0012", "0", "0", "1"]
+    assert row(out, "team:search").split()[1:] == cells

@@ -127,7 +127,7 @@ def export_database(
         for row, record in zip(usage, records, strict=True)
         for scope in dict.fromkeys(record.scopes)
     ]
-    budgets = [_budget_row(b) for b in guard.budgets]
+    budgets = [_budget_row(b) for b in guard.planner.budgets]
     status = [s.to_dict() for s in guard.status()]
 
     db = sqlite_utils.Database(path)

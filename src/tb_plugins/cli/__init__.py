@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tb_plugins.cli import budgets, demo, report, status
+from tb_plugins.cli import budgets, demo, metrics, report, serve, status, watch
 from tb_plugins.cli.common import config_option, package_version, parse_since
 from tb_plugins.cli.report import by_bare_model
 from tb_plugins.core.scopes import escape_text
@@ -23,7 +23,7 @@ from tb_plugins.errors import TokenBudgetError
 
 __all__ = ["build_parser", "by_bare_model", "main", "package_version", "parse_since"]
 
-COMMANDS = (status, report, budgets, demo)
+COMMANDS = (status, watch, report, budgets, serve, metrics, demo)
 """The modules whose ``add_parser`` builds the ``tb`` subcommands, in help order."""
 
 
@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `tb report --json | head`: the reader has had enough
+        sys.stderr.close()
+        return 0
     except (TokenBudgetError, ValueError) as exc:
         # A message may quote a scope or a file's text: escape all but its line breaks.
         print("\n".join(escape_text(line) for line in f"tb: {exc}".split("\n")), file=sys.stderr)

@@ -36,8 +36,13 @@ REPORT_KINDS = (
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Show totals from the usage log, grouped by scope, model, day, or the scopes of one kind
-    (``--by user``: one row per user). Models are grouped by their bare name: ``openai/gpt-4o``
-    and ``gpt-4o`` are one row."""
+    (``--by user``: one row per user): the calls that ran (``reqs``), their input, output and
+    cached tokens, dollars and dollars per call, and the decisions taken: ``clamp`` (output
+    cap lowered), ``down`` (sent to a cheaper model), ``deny`` (refused, not in ``reqs``).
+    Models are grouped by their bare name: ``openai/gpt-4o`` and ``gpt-4o`` are one row. The
+    table fits 80 columns, large counts rounded (``1.2M``) and a name too long for its row
+    on its own line above it; ``--json`` and ``--csv`` carry every field exactly, ``tokens``
+    (input + output) and ``allowed`` (neither clamped nor downgraded) too."""
     guard = open_guard(args)
     since = parse_since(args.since) if args.since else None
     until = parse_since(args.until) if args.until else None
@@ -49,41 +54,84 @@ def cmd_report(args: argparse.Namespace) -> int:
         rows = by_bare_model(rows)
     emit(
         args,
-        [args.by, "requests", "denied", "input", "output", "cached", "tokens", "usd"],
+        [args.by, *REPORT_HEADERS],
         [
             [
                 r.key,
-                r.requests,
-                r.denied,
-                f"{r.input_tokens:,}",
-                f"{r.output_tokens:,}",
-                f"{r.cached_input_tokens:,}",
-                f"{r.tokens:,}",
-                f"${r.usd:,.4f}",
+                _count(r.requests),
+                _count(r.input_tokens),
+                _count(r.output_tokens),
+                _count(r.cached_input_tokens),
+                _usd(r.usd),
+                _usd(r.usd_per_request),
+                _count(r.clamped),
+                _count(r.downgraded),
+                _count(r.denied),
             ]
             for r in rows
         ],
-        [
-            {
-                args.by: r.key,
-                "requests": r.requests,
-                "denied": r.denied,
-                "input_tokens": r.input_tokens,
-                "output_tokens": r.output_tokens,
-                "cached_input_tokens": r.cached_input_tokens,
-                "tokens": r.tokens,
-                "usd": r.usd,
-            }
-            for r in rows
-        ],
+        [report_record(r, args.by) for r in rows],
+        width=REPORT_WIDTH,
     )
     return 0
+
+
+REPORT_HEADERS = ("reqs", "input", "output", "cached", "usd", "usd/req", "clamp", "down", "deny")
+"""The ``tb report`` table's columns after the key: requests, tokens, dollars, then the
+decisions other than allow (``down``: downgraded)."""
+
+REPORT_WIDTH = 80
+"""The widest line of the ``tb report`` table."""
+
+
+def report_record(row: UsageRow, key: str = "key") -> dict[str, Any]:
+    """Every field of a report row, for ``--json`` and ``--csv``: the key under ``key``,
+    counts, tokens, dollars, dollars per request and the decisions (``allowed`` +
+    ``clamped`` + ``downgraded`` = ``requests``; ``denied`` calls did not run)."""
+    return {
+        key: row.key,
+        "requests": row.requests,
+        "allowed": row.allowed,
+        "clamped": row.clamped,
+        "downgraded": row.downgraded,
+        "denied": row.denied,
+        "input_tokens": row.input_tokens,
+        "output_tokens": row.output_tokens,
+        "cached_input_tokens": row.cached_input_tokens,
+        "tokens": row.tokens,
+        "usd": row.usd,
+        "usd_per_request": row.usd_per_request,
+    }
+
+
+def _count(n: int) -> str:
+    """A count in at most five characters: ``9,999``, then ``12.3k``, ``456k``, ``1.2M``."""
+    if n < 10_000:
+        return f"{n:,}"
+    for suffix, size in (("k", 1e3), ("M", 1e6), ("B", 1e9), ("T", 1e12)):
+        text = f"{n / size:.3g}"
+        if float(text) < 1000:
+            return text + suffix
+    return f"{n / 1e15:.0f}P"  # 2**63 is 9223P
+
+
+def _usd(x: float) -> str:
+    """Dollars in at most seven characters: ``$0.0048``, ``$12.34``, ``$1,234``, ``$56.7k``."""
+    if x == 0:
+        return "$0"
+    if x < 1:
+        return f"${x:.4f}"
+    if x < 100:
+        return f"${x:.2f}"
+    if x < 10_000:
+        return f"${x:,.0f}"
+    return "$" + _count(round(x))
 
 
 def by_bare_model(rows: Sequence[UsageRow]) -> list[UsageRow]:
     """Report rows by model merged under the bare model name (``openai/gpt-4o`` and
     ``gpt-4o`` are one row, see :func:`~tb_plugins.core.models.bare_model`): every count
-    summed, rows sorted by name."""
+    (requests, decisions, tokens, dollars) summed, rows sorted by name."""
     merged: dict[str, UsageRow] = {}
     for row in rows:
         key = bare_model(row.key)
@@ -138,7 +186,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     """Register ``tb report`` and ``tb export``."""
     p = sub.add_parser(
-        "report", help="usage totals by scope, model or day", description=cmd_report.__doc__
+        "report",
+        help="usage, dollars and decisions by scope, model or day",
+        description=cmd_report.__doc__,
     )
     p.add_argument("--since", help="start: 24h, 7d, 2026-11-01, or epoch seconds")
     p.add_argument("--until", help="end, in the same forms")

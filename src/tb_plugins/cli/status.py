@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tb_plugins._format import bar, fmt_amount, fmt_clock, fmt_span
+from tb_plugins._format import bar, fmt_amount, fmt_clock, fmt_span, table
 from tb_plugins.cli.common import config_option, emit, open_guard, output_options
 
 if TYPE_CHECKING:
     from tb_plugins.engine.decision import BudgetStatus
+
+STATUS_HEADERS = ("scope", "budget", "used", "spent", "left", "resets", "runs out")
+"""The columns of the ``tb status`` table."""
+
+STATUS_WIDTH = 80
+"""The widest line of the ``tb status`` table."""
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -25,27 +32,36 @@ def cmd_status(args: argparse.Namespace) -> int:
         guard.ledger.close()
     emit(
         args,
-        ["scope", "budget", "used", "spent", "left", "resets", "runs out"],
-        [
-            [
-                s.scope,
-                _limit_label(s),
-                bar(s.utilization),
-                fmt_amount(s.unit, s.spent),
-                fmt_amount(s.unit, s.remaining),
-                "never" if s.resets_at is None else fmt_span(s.resets_at - now),
-                fmt_clock(s.forecast_exhausted_at, now),
-            ]
-            for s in rows
-        ],
+        STATUS_HEADERS,
+        status_cells(rows, now),
         [s.to_dict() for s in rows],
         width=STATUS_WIDTH,
     )
     return 0
 
 
-STATUS_WIDTH = 80
-"""The widest line of the ``tb status`` table."""
+def render_status(rows: Sequence[BudgetStatus], now: float, *, width: int = STATUS_WIDTH) -> str:
+    """The ``tb status`` table of ``rows`` as text, no line wider than ``width`` (``tb
+    watch`` redraws it); ``(nothing to show)`` when there are no budgets."""
+    if not rows:
+        return "(nothing to show)"
+    return table(STATUS_HEADERS, status_cells(rows, now), width=width)
+
+
+def status_cells(rows: Sequence[BudgetStatus], now: float) -> list[list[str]]:
+    """The cells of the ``tb status`` table, a row per budget status, as of ``now``."""
+    return [
+        [
+            s.scope,
+            _limit_label(s),
+            bar(s.utilization),
+            fmt_amount(s.unit, s.spent),
+            fmt_amount(s.unit, s.remaining),
+            "never" if s.resets_at is None else fmt_span(s.resets_at - now),
+            fmt_clock(s.forecast_exhausted_at, now),
+        ]
+        for s in rows
+    ]
 
 
 def _limit_label(s: BudgetStatus) -> str:

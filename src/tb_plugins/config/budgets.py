@@ -55,6 +55,7 @@ class BudgetSpec(_Strict):
     calls: Quantity | None = None
     alerts: list[float] = Field(default_factory=list)
     downgrade_at: Fraction | None = None
+    forecast_alert: bool = True
 
     @field_validator("scope")
     @classmethod
@@ -182,4 +183,5 @@ def compile_budget(index: int, spec: BudgetSpec) -> Budget:
         limits=(limits[0], limits[1], limits[2], limits[3], limits[4], limits[5]),
         alerts=tuple(spec.alerts),
         downgrade_at=spec.downgrade_at,
+        forecast_alert=spec.forecast_alert,
     )

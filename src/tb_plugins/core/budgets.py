@@ -26,6 +26,11 @@ class Budget:
         limits: six limits in :data:`~tb_plugins.core.usage.UNITS` order (usd in nano-dollars).
         alerts: thresholds that fire an alert, as fractions.
         downgrade_at: the fraction past which calls are downgraded.
+        forecast_alert: with ``alerts``, also alert when the burn rate runs the budget out
+            before it resets (``forecast_alert: false`` in the policy turns it off).
+        override: True for a runtime override (``tb budgets set``): for the units it limits
+            it replaces the file's budgets of its window (see
+            :mod:`tb_plugins.engine.overrides`).
     """
 
     index: int
@@ -35,6 +40,8 @@ class Budget:
     limits: Limits
     alerts: tuple[float, ...]
     downgrade_at: float | None
+    override: bool = False
+    forecast_alert: bool = True
 
     @property
     def is_pattern(self) -> bool:

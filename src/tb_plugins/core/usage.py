@@ -259,7 +259,18 @@ class UsageRecord:
 
 @dataclass(frozen=True)
 class UsageRow:
-    """One group of the usage report (``guard.usage(group_by=...)``)."""
+    """One group of the usage report (``guard.usage(group_by=...)``).
+
+    ``requests`` counts the calls that ran (their records' ``action`` is ``allow``, ``clamp``
+    or ``downgrade``), of which ``clamped`` had their output cap lowered and ``downgraded``
+    were sent to a cheaper model (a downgrade may also clamp: it counts as a downgrade);
+    ``denied`` counts refused calls, which add no tokens and no dollars.
+
+    Example:
+        >>> row = UsageRow("team:a", 4, 1, 800, 200, 0, 0.02, clamped=1, downgraded=1)
+        >>> (row.allowed, row.tokens, row.usd_per_request)
+        (2, 1000, 0.005)
+    """
 
     key: str
     requests: int
@@ -268,8 +279,20 @@ class UsageRow:
     output_tokens: int
     cached_input_tokens: int
     usd: float
+    clamped: int = 0
+    downgraded: int = 0
+
+    @property
+    def allowed(self) -> int:
+        """Calls that ran as asked: ``requests`` less the clamped and downgraded ones."""
+        return self.requests - self.clamped - self.downgraded
 
     @property
     def tokens(self) -> int:
         """Input plus output tokens."""
         return self.input_tokens + self.output_tokens
+
+    @property
+    def usd_per_request(self) -> float:
+        """Dollars per call that ran (0 when none ran)."""
+        return self.usd / self.requests if self.requests else 0.0

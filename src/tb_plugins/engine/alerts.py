@@ -33,8 +33,9 @@ _IDLE_SECONDS = 30.0  # a webhook worker with nothing to send for this long ends
 
 @dataclass(frozen=True)
 class Alert:
-    """A budget crossed a threshold (``kind="threshold"``), or refused its first call of the
-    window (``kind="exhausted"``).
+    """A budget crossed a threshold (``kind="threshold"``), is on course to run out before it
+    resets (``kind="forecast"``), or refused its first call of the window
+    (``kind="exhausted"``).
 
     Attributes:
         scope: the concrete scope, e.g. ``team:search``.
@@ -44,7 +45,9 @@ class Alert:
         utilization: the fraction used after the call that crossed it.
         resets_at: when the window resets (epoch seconds; None for ``total``).
         ts: when it fired.
-        kind: ``threshold`` or ``exhausted``.
+        kind: ``threshold``, ``forecast`` (at the current burn rate the budget runs out
+            before it resets; ``threshold`` is 0) or ``exhausted``.
+        forecast_exhausted_at: for ``forecast``, when it runs out at that rate.
     """
 
     scope: str
@@ -55,6 +58,7 @@ class Alert:
     resets_at: float | None
     ts: float
     kind: str = "threshold"
+    forecast_exhausted_at: float | None = None
 
     @property
     def message(self) -> str:
@@ -65,6 +69,13 @@ class Alert:
             else "resets "
             + datetime.fromtimestamp(self.resets_at, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         )
+        if self.kind == "forecast" and self.forecast_exhausted_at is not None:
+            at = datetime.fromtimestamp(self.forecast_exhausted_at, tz=timezone.utc)
+            return (
+                f"budget {self.budget!r} for {self.scope} will be spent by "
+                f"{at.strftime('%Y-%m-%d %H:%M UTC')} at the current burn rate "
+                f"({self.utilization:.0%} used; window {self.window} {reset})"
+            )
         if self.kind == "exhausted":
             return (
                 f"budget {self.budget!r} for {self.scope} is exhausted: it refused a call "

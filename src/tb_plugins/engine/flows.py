@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from tb_plugins.core.policy import (
     LinePlan,
     Plan,
-    alerts_crossed,
     downgrade_due,
     max_output_that_fits,
     refusal,
@@ -25,8 +24,15 @@ from tb_plugins.core.policy import (
 from tb_plugins.core.request import Request
 from tb_plugins.core.scopes import escape_text
 from tb_plugins.core.urls import redact_url
-from tb_plugins.core.usage import Amounts, Usage, UsageRecord, amounts, nano_to_usd, usd_to_nano
-from tb_plugins.engine.alerts import Alert, AlertSink, dispatch
+from tb_plugins.core.usage import (
+    Usage,
+    UsageRecord,
+    amounts,
+    nano_to_usd,
+    usd_to_nano,
+)
+from tb_plugins.engine.alerting import AlertFlows
+from tb_plugins.engine.alerts import Alert, AlertSink
 from tb_plugins.engine.decision import (
     Action,
     Charge,
@@ -39,7 +45,6 @@ from tb_plugins.engine.estimate import Estimator, with_output
 from tb_plugins.engine.planning import LinePlanner
 from tb_plugins.engine.writeback import Pending, WriteBack
 from tb_plugins.errors import (
-    BudgetExceeded,
     BudgetRefused,
     LedgerError,
     LedgerUnavailable,
@@ -58,7 +63,6 @@ __all__ = ["Flows"]
 logger = logging.getLogger("tb_plugins")
 _MAX_ATTEMPTS = 6
 _HINT = "a budget is past its downgrade_at fraction"
-_EXHAUSTED_MEMORY = 4096  # exhausted-alert keys this process claimed (forgotten past this)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +76,7 @@ class _Call:
     lines: tuple[LinePlan, ...] = ()
 
 
-class Flows:
+class Flows(AlertFlows):
     """The flows, as methods of the guard (which provides the attributes below)."""
 
     policy: Policy
@@ -84,6 +88,7 @@ class Flows:
     _sinks: list[AlertSink]
     _hints: set[str]
     _exhausted: set[str]
+    _forecast_due: dict[str, float]
     _issuer: str
 
     def now(self) -> float:  # pragma: no cover - the guard's
@@ -204,7 +209,7 @@ class Flows:
             break
         err = refusal(plan, lines, states, self.policy.min_output_tokens)
         yield from self._record_deny(call, err)
-        yield from self._exhausted_alert(call, err)
+        yield from self._exhausted_alert(call.lines, call.now, err)
         raise err
 
     def _replan(self, request: Request, model: str, why: str) -> tuple[Plan, list[str]]:
@@ -278,45 +283,6 @@ class Flows:
         self._emit("deny", {"error": err, "scopes": call.path, "model": call.model})
         yield from quiet("append_usage", (record,), {})
 
-    def _exhausted_alert(self, call: _Call, err: BudgetRefused) -> Flow[None]:
-        """The ``exhausted`` alert of the budget that refused: once per budget per window
-        across processes (the ledger's claim decides), and one claim per process at most."""
-        if not isinstance(err, BudgetExceeded) or not self._sinks:
-            return
-        lp = next(
-            (
-                lp
-                for lp in call.lines
-                if lp.line.scope == err.scope
-                and (err.budget in lp.limit_names or err.budget == lp.line.scope)
-            ),
-            None,
-        )
-        if lp is None:
-            return
-        key = f"{lp.line.key}|{lp.line.bucket}|exhausted|{err.budget}"
-        if key in self._exhausted:
-            return
-        if len(self._exhausted) > _EXHAUSTED_MEMORY:
-            self._exhausted.clear()
-        self._exhausted.add(key)
-        expires = None if lp.line.expires_at is None else lp.line.expires_at + 86400
-        won = yield from quiet("claim_alert", (key,), {"expires_at": expires})
-        if not won:
-            return
-        alert = Alert(
-            scope=err.scope,
-            budget=err.budget,
-            window=lp.line.window,
-            threshold=1.0,
-            utilization=(err.spent / err.limit) if err.limit else 1.0,
-            resets_at=err.resets_at,
-            ts=call.now,
-            kind="exhausted",
-        )
-        dispatch(alert, self._sinks)
-        self._emit("alert", {"alert": alert})
-
     # -- settle and release ----------------------------------------------------------------
 
     def _own(self, decision: Decision) -> None:
@@ -386,6 +352,8 @@ class Flows:
             applied = result.applied
             if applied:
                 fired = yield from self._alerts(decision.lines, result.states, charged, now)
+                if self._sinks:
+                    fired += yield from self._forecast_alerts(decision.lines, result.states, now)
         charge = Charge(
             reservation_id=decision.reservation_id,
             model=served,
@@ -405,41 +373,6 @@ class Flows:
         self._own(decision)
         if not decision.local:
             yield from quiet("release", (decision.reservation_id,), {"now": self.now()})
-
-    def _alerts(
-        self,
-        lines: Sequence[LinePlan],
-        states: Sequence[LineState | None],
-        charged: Amounts,
-        now: float,
-    ) -> Flow[list[Alert]]:
-        fired = []
-        for lp, budget, threshold, util in alerts_crossed(lines, states, charged):
-            key = f"{lp.line.key}|{lp.line.bucket}|{budget.index}:{budget.name}|{threshold:g}"
-            expires = None if lp.line.expires_at is None else lp.line.expires_at + 86400
-            won = yield from quiet("claim_alert", (key,), {"expires_at": expires})
-            if not won:
-                continue
-            alert = Alert(
-                scope=lp.line.scope,
-                budget=budget.name,
-                window=lp.line.window,
-                threshold=threshold,
-                utilization=util,
-                resets_at=lp.resets_at,
-                ts=now,
-            )
-            fired.append(alert)
-            dispatch(alert, self._sinks)
-            self._emit("alert", {"alert": alert})
-        return fired
-
-    def _emit(self, event: str, data: Mapping[str, Any]) -> None:
-        for listener in self.listeners:
-            try:
-                listener(event, data)
-            except Exception:
-                logger.exception("tb_plugins: listener %r failed", listener)
 
 
 def _past(budget: Budget) -> str:

@@ -51,7 +51,7 @@ from tb_plugins.engine.decision import (
 from tb_plugins.engine.drivers import adrive, drive
 from tb_plugins.engine.estimate import Estimator
 from tb_plugins.engine.flows import Flows
-from tb_plugins.engine.planning import LinePlanner
+from tb_plugins.engine.live import LiveBudgets
 from tb_plugins.engine.writeback import WriteBack
 from tb_plugins.errors import LedgerError, LedgerUnavailable
 from tb_plugins.ledger import Ledger, ledger_from_url
@@ -61,7 +61,6 @@ from tb_plugins.warnings import FailOpenWarning
 
 if TYPE_CHECKING:  # pydantic loads with the first policy, not with `import tb_plugins`
     from tb_plugins.config import Policy
-    from tb_plugins.core.budgets import Budget
     from tb_plugins.counting import Tokenizer
 
 __all__ = ["BudgetGuard", "ReportBy"]
@@ -77,7 +76,7 @@ logger = logging.getLogger("tb_plugins")
 _SINK_FLUSH_SECONDS = 2.0  # what close() waits, in all, for alert sinks to send their queues
 
 
-class BudgetGuard(Flows):
+class BudgetGuard(Flows, LiveBudgets):
     """Token budgets for every LLM call of a process, backed by a shared ledger.
 
     Args:
@@ -119,8 +118,7 @@ class BudgetGuard(Flows):
         self._issuer = os.urandom(8).hex()  # marks this guard's decisions
         self.estimator = Estimator(policy, tokenizer, prices)
         self.pricing = self.estimator.pricing
-        self.budgets: list[Budget] = policy.compiled_budgets()
-        self.planner = LinePlanner(self.budgets, policy.tz)
+        self._init_overrides(policy.compiled_budgets())
         self._sinks: list[AlertSink] = []
         for spec in policy.alerts:
             if spec.log is not None:
@@ -138,7 +136,11 @@ class BudgetGuard(Flows):
         # Line keys last seen past a downgrade_at fraction (only those: the set stays small).
         self._hints: set[str] = set()
         self._exhausted: set[str] = set()  # exhausted-alert keys claimed from this process
+        self._forecast_due: dict[str, float] = {}  # line key -> next forecast-alert check
         self.listeners: list[Callable[[str, Mapping[str, Any]], None]] = []
+        from tb_plugins.engine.tracing import install_tracing  # OpenTelemetry, when installed
+
+        install_tracing(self)
 
     # -- construction ----------------------------------------------------------------------
 
@@ -273,12 +275,16 @@ class BudgetGuard(Flows):
 
     def check_request(self, request: Request) -> Decision:
         """:meth:`check` for a :class:`~tb_plugins.core.request.Request` an integration built."""
-        down = self._sync_clock() or self._maybe_flush()
+        down = self._sync_clock() or self._maybe_flush() or self._maybe_refresh()
         return drive(self.ledger, self._check_flow(request, down))
 
     async def acheck_request(self, request: Request) -> Decision:
         """Async :meth:`check_request`."""
-        down = await self._async_sync_clock() or await self._amaybe_flush()
+        down = (
+            await self._async_sync_clock()
+            or await self._amaybe_flush()
+            or await self._amaybe_refresh()
+        )
         if request.messages is not None and request.input_tokens is None:
             prepare = getattr(self.tokenizer, "aprepare", None)
             if prepare is not None:
@@ -330,28 +336,24 @@ class BudgetGuard(Flows):
         its forecast: when it runs out at the burn rate of the last hour
         (:data:`~tb_plugins.engine.decision.FORECAST_TRAILING_SECONDS`), read from the usage
         log with one query per scope."""
+        self._maybe_refresh()
         now = self.now()
         known = () if scope is not None else [s for s, _w in self.ledger.scopes()]
         plans = self.planner.status_lines(scope, known, now)
         states = self.ledger.status([lp.line for lp in plans], now=now) if plans else ()
         out = statuses(plans, states, now, self.planner.tz)
-        recent = {
-            (s, since): self.ledger.usage(since=since, until=None, scope=s, group_by="scope")
-            for s, since in forecast_queries(out, now)
-        }
+        recent = drive(self.ledger, self._recent_usage(forecast_queries(out, now)))
         return with_forecasts(out, recent, now)
 
     async def astatus(self, scope: str | None = None) -> list[BudgetStatus]:
         """Async :meth:`status`."""
+        await self._amaybe_refresh()
         now = self.now()
         known = () if scope is not None else [s for s, _w in await self.ledger.ascopes()]
         plans = self.planner.status_lines(scope, known, now)
         states = await self.ledger.astatus([lp.line for lp in plans], now=now) if plans else ()
         out = statuses(plans, states, now, self.planner.tz)
-        recent = {
-            (s, since): await self.ledger.ausage(since=since, until=None, scope=s, group_by="scope")
-            for s, since in forecast_queries(out, now)
-        }
+        recent = await adrive(self.ledger, self._recent_usage(forecast_queries(out, now)))
         return with_forecasts(out, recent, now)
 
     def usage(

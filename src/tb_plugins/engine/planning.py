@@ -170,14 +170,11 @@ class LinePlanner:
         every scope in ``known`` (the ledger's) that a budget matches."""
         if scope is not None:
             return self.lines([scope], now, cache=False)
-        scopes: list[str] = []
-        for b in self.budgets:
-            if not b.is_pattern and b.pattern not in scopes:
-                scopes.append(b.pattern)
+        scopes = dict.fromkeys(b.pattern for b in self.budgets if not b.is_pattern)
         for s in known:
             if s not in scopes and any(b.matches(s) for b in self.budgets):
-                scopes.append(s)
-        return self.lines(scopes, now, cache=False)
+                scopes[s] = None
+        return self.lines(list(scopes), now, cache=False)
 
     def slot(self, budget: Budget, now: float) -> tuple[Slot, float, float]:
         """The window slot for ``now`` and the range of instants it holds for (reused until
@@ -204,7 +201,8 @@ class LinePlanner:
                 if b.matches(scope):
                     by_window.setdefault(b.window.spec, []).append(b)
             out = []
-            for spec, budgets in by_window.items():
+            for spec, matching in by_window.items():
+                budgets = _overridden(matching, scope)
                 limits: list[int | None] = [None] * len(UNITS)
                 names: list[str | None] = [None] * len(UNITS)
                 for b in budgets:
@@ -219,6 +217,31 @@ class LinePlanner:
             return tuple(out)
 
         return self._scope_templates.get_or(scope, build)  # type: ignore[no-any-return]
+
+
+def _overridden(budgets: list[Budget], scope: str) -> list[Budget]:
+    """The budgets of one scope and window that count: per unit, the overrides on the
+    concrete scope if any limit it, else the overrides on a pattern, else the file's budgets.
+    A file budget (or pattern override) loses every unit a more specific one limits, and is
+    left out when it keeps none."""
+    if not any(b.override for b in budgets):
+        return budgets
+    tiers = (
+        [b for b in budgets if b.override and not b.is_pattern],
+        [b for b in budgets if b.override and b.is_pattern],
+        [b for b in budgets if not b.override],
+    )
+    out: list[Budget] = []
+    taken = [False] * len(UNITS)
+    for tier in tiers:
+        limited = [any(b.limits[u] is not None for b in tier) for u in range(len(UNITS))]
+        for b in tier:
+            lims = tuple(None if taken[u] else lim for u, lim in enumerate(b.limits))
+            if all(lim is None for lim in lims):
+                continue
+            out.append(b if lims == b.limits else replace(b, limits=lims))  # type: ignore[arg-type]
+        taken = [t or lim for t, lim in zip(taken, limited, strict=True)]
+    return out
 
 
 def _scope_path(scopes: tuple[Any, ...]) -> tuple[str, ...]:

@@ -68,7 +68,7 @@ import os
 import secrets
 import sys
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +76,17 @@ import litellm
 from litellm.integrations.custom_logger import CustomLogger
 from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 
-from tb_plugins.core.scopes import normalize_scope
 from tb_plugins.core.urls import redact_url
 from tb_plugins.engine import BudgetGuard, Decision
 from tb_plugins.engine.held import HeldCalls, afinish
 from tb_plugins.errors import BudgetRefused, ConfigError, LedgerUnavailable
+from tb_plugins.integrations.litellm.proxy_scopes import (
+    CLIENT_SCOPE_KINDS,
+    SCOPES_HEADER,
+    client_scopes,
+    identity_scopes,
+    scope_owner,
+)
 from tb_plugins.integrations.litellm.requests import (
     apply_decision,
     reported_usage,
@@ -102,17 +108,10 @@ __all__ = [
 
 logger = logging.getLogger("tb_plugins")
 
-CLIENT_SCOPE_KINDS = ("agent", "session", "feature")
-"""Scope kinds a client may add to its own requests; every other kind comes from auth."""
-SCOPES_HEADER = "x-tb-scopes"
 HOLD_KEY = "tb_plugins_hold"
 """The LiteLLM metadata field that carries an admitted request's hold token (written by the
 pre-call hook only; a client's value is deleted)."""
 _METADATA_FIELDS = ("litellm_metadata", "metadata")
-_MAX_CLIENT_SCOPES = 8
-_MAX_CLIENT_ITEMS = 64  # scope items read per request, whatever the client sends
-_MAX_SCOPE_LENGTH = 200
-_NOT_IN_CLIENT_NAMES = frozenset("@*?[]")  # the owner separator; pattern characters
 _CAP_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 _MAX_ERROR_TEXT = 300
 _HEADER_MEMORY = 65536
@@ -160,117 +159,6 @@ def _invalid_request(err: Exception) -> ProxyException:
         code=400,
         headers={"x-should-retry": "false"},
     )
-
-
-def identity_scopes(auth: UserAPIKeyAuth) -> list[str]:
-    """The scopes of an authenticated key: ``org:``, ``team:``, ``user:``, ``key:``,
-    ``end_user:`` (the key by its alias, else by its hashed token).
-
-    Example:
-        >>> from litellm.proxy._types import UserAPIKeyAuth
-        >>> identity_scopes(UserAPIKeyAuth(api_key="sk-1", key_alias="ci", team_id="search"))
-        ['team:search', 'key:ci']
-    """
-    out = []
-    for kind, value in (("org", auth.org_id), ("team", auth.team_id), ("user", auth.user_id)):
-        if value:
-            out.append(f"{kind}:{value}")
-    key = auth.key_alias or auth.token
-    if key:
-        out.append(f"key:{key}")
-    if auth.end_user_id:
-        out.append(f"end_user:{auth.end_user_id}")
-    return out
-
-
-def scope_owner(auth: UserAPIKeyAuth) -> str | None:
-    """Whom the scopes a client adds belong to: the key's team scope, else its key scope
-    (None for a key with neither, whose client scopes are then dropped).
-
-    Example:
-        >>> from litellm.proxy._types import UserAPIKeyAuth
-        >>> scope_owner(UserAPIKeyAuth(api_key="sk-1", key_alias="ci", team_id="search"))
-        'team:search'
-        >>> scope_owner(UserAPIKeyAuth(api_key="sk-1", key_alias="ci"))
-        'key:ci'
-    """
-    if auth.team_id:
-        return f"team:{auth.team_id}"
-    key = auth.key_alias or auth.token
-    return f"key:{key}" if key else None
-
-
-def _client_items(data: Mapping[str, Any]) -> Iterator[object]:
-    for field in ("metadata", "litellm_metadata"):
-        md = data.get(field)
-        value = md.get("tb_scopes") if isinstance(md, Mapping) else None
-        if isinstance(value, str):
-            yield from value.split(",")
-        elif isinstance(value, list | tuple):
-            yield from value
-        elif value is not None:
-            logger.debug("tb_plugins: ignoring %s.tb_scopes of type %s", field, type(value))
-    request = data.get("proxy_server_request")
-    headers = request.get("headers") if isinstance(request, Mapping) else None
-    value = headers.get(SCOPES_HEADER) if isinstance(headers, Mapping) else None
-    if isinstance(value, str):
-        yield from value.split(",")
-
-
-def _client_scope(item: object) -> str | None:
-    """One scope a client sent, checked; None (logged) if it may not be used."""
-    if not isinstance(item, str):
-        logger.debug("tb_plugins: ignoring client scope of type %s", type(item))
-        return None
-    text = item.strip()
-    if not text:
-        return None
-    if len(text) > _MAX_SCOPE_LENGTH:
-        logger.debug("tb_plugins: ignoring a client scope of %d characters", len(text))
-        return None
-    try:
-        scope = normalize_scope(text)
-    except ValueError as err:
-        logger.debug("tb_plugins: ignoring client scope: %s", err)
-        return None
-    kind, _, name = scope.partition(":")
-    if kind not in CLIENT_SCOPE_KINDS:
-        logger.debug("tb_plugins: ignoring client scope %r (not a client kind)", scope)
-        return None
-    if _NOT_IN_CLIENT_NAMES.intersection(name):
-        logger.debug("tb_plugins: ignoring client scope %r (no @ or * ? [ ] in a name)", scope)
-        return None
-    return scope
-
-
-def client_scopes(data: Mapping[str, Any], owner: str | None = None) -> list[str]:
-    """The finer scopes a client asked for (``metadata.tb_scopes``, the ``x-tb-scopes``
-    header): ``agent:``, ``session:`` and ``feature:`` ones that pass
-    :func:`~tb_plugins.core.scopes.normalize_scope`, at most eight; with ``owner``, each
-    namespaced as ``<kind>:<name>@<owner>``.
-
-    Example:
-        >>> client_scopes({"metadata": {"tb_scopes": ["agent:planner", "team:other"]}})
-        ['agent:planner']
-        >>> client_scopes({"metadata": {"tb_scopes": "agent:planner"}}, owner="team:search")
-        ['agent:planner@team:search']
-    """
-    out: list[str] = []
-    for i, item in enumerate(_client_items(data)):
-        if i == _MAX_CLIENT_ITEMS or len(out) == _MAX_CLIENT_SCOPES:
-            break
-        scope = _client_scope(item)
-        if scope is None:
-            continue
-        if owner is not None:
-            try:
-                scope = normalize_scope(f"{scope}@{owner}")
-            except ValueError as err:
-                logger.debug("tb_plugins: ignoring client scope: %s", err)
-                continue
-        if scope not in out:
-            out.append(scope)
-    return out
 
 
 def decision_headers(decision: Decision) -> dict[str, str]:
@@ -355,7 +243,7 @@ def guard_from_settings() -> BudgetGuard:
 
 
 def _summary(guard: BudgetGuard) -> str:
-    n = len(guard.budgets)
+    n = len(guard.planner.budgets)
     return (
         f"{n} budget{'s' if n != 1 else ''}, ledger {redact_url(guard.ledger.url)}, "
         f"{guard.policy.on_ledger_error}"
@@ -420,15 +308,7 @@ class TokenBudgetProxyHandler(CustomLogger):
         owner = scope_owner(user_api_key_dict)
         scopes = identity_scopes(user_api_key_dict) + client_scopes(data, owner=owner)
         try:
-            decision = await self.guard.acheck(
-                view.model,
-                view.messages,
-                max_tokens=view.output_cap,
-                scopes=scopes,
-                tools=view.tools,
-                prompt=view.prompt,
-                input_tokens=view.input_tokens,
-            )
+            decision = await self.guard.acheck_request(view.request(scopes))
         except BudgetRefused as err:
             raise BudgetProxyException(err) from err
         except LedgerUnavailable as err:
@@ -529,3 +409,6 @@ proxy_handler = TokenBudgetProxyHandler()
 
 if "litellm.proxy.proxy_server" in sys.modules:
     proxy_handler.guard  # noqa: B018 - loaded by the proxy: a bad policy stops the boot
+    from tb_plugins.integrations.litellm.metrics import expose
+
+    expose(proxy_handler.guard)  # the budgets on the proxy's /metrics (with [metrics])

@@ -17,15 +17,12 @@ from collections.abc import Generator, Sequence
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from tb_plugins.core.usage import Amounts, UsageRecord, UsageRow
-from tb_plugins.ledger.base import (
+from tb_plugins.ledger.base import GroupBy, Ledger, Line, LineState, ReserveResult, SettleResult
+from tb_plugins.ledger.checks import (
     MAX_AMOUNT,
-    GroupBy,
-    Ledger,
-    Line,
-    LineState,
-    ReserveResult,
-    SettleResult,
+    check_after,
     check_amounts,
+    check_override,
     check_record_amounts,
     check_report,
     check_text,
@@ -49,8 +46,8 @@ class Reserve(NamedTuple):
     expires_at: float
 
     def checked(self, maximum: int) -> Reserve:
-        """These arguments, once :func:`~tb_plugins.ledger.base.check_amounts` and
-        :func:`~tb_plugins.ledger.base.check_texts` found them storable."""
+        """These arguments, once :func:`~tb_plugins.ledger.checks.check_amounts` and
+        :func:`~tb_plugins.ledger.checks.check_texts` found them storable."""
         check_amounts(self.amounts, maximum)
         check_texts(self.reservation_id, self.lines)
         return self
@@ -83,7 +80,7 @@ class Report(NamedTuple):
     scope: str | None
 
     def checked(self) -> Report:
-        """These arguments, once :func:`~tb_plugins.ledger.base.check_report` found them
+        """These arguments, once :func:`~tb_plugins.ledger.checks.check_report` found them
         valid."""
         check_report(self.group_by, self.scope)
         return self
@@ -144,6 +141,14 @@ class FlowLedger(Ledger):
         self, since: float | None, until: float | None, limit: int | None
     ) -> Flow[list[UsageRecord]]:
         """The flow of :meth:`records`."""
+
+    @abc.abstractmethod
+    def _append_override(self, body: str) -> Flow[int]:
+        """The flow of :meth:`append_override`."""
+
+    @abc.abstractmethod
+    def _overrides(self, after: int) -> Flow[list[tuple[int, str]]]:
+        """The flow of :meth:`overrides`."""
 
     # -- the two drivers ---------------------------------------------------------------------
 
@@ -327,3 +332,20 @@ class FlowLedger(Ledger):
     ) -> list[UsageRecord]:
         """Async :meth:`records`."""
         return await self._adrive(self._records(since, until, limit))
+
+    def append_override(self, body: str) -> int:
+        """Append an override change; returns its version (see
+        :meth:`~tb_plugins.ledger.base.Ledger.append_override`)."""
+        return self._drive(self._append_override(check_override(body)))
+
+    async def aappend_override(self, body: str) -> int:
+        """Async :meth:`append_override`."""
+        return await self._adrive(self._append_override(check_override(body)))
+
+    def overrides(self, *, after: int = 0) -> list[tuple[int, str]]:
+        """The override changes after version ``after``, oldest first."""
+        return self._drive(self._overrides(check_after(after)))
+
+    async def aoverrides(self, *, after: int = 0) -> list[tuple[int, str]]:
+        """Async :meth:`overrides`."""
+        return await self._adrive(self._overrides(check_after(after)))

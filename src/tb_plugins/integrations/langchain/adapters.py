@@ -12,7 +12,6 @@ import logging
 import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from langchain.agents.middleware import ExtendedModelResponse, ModelResponse
@@ -33,7 +32,6 @@ from tb_plugins.engine.held import Cost, afinish, finish
 
 __all__ = [
     "OUTPUT_CAP_KEYS",
-    "Call",
     "Cost",
     "afinish",
     "current_metadata",
@@ -271,27 +269,6 @@ def partial_output(result: LLMResult | None) -> bool:
 
 
 # -- requests and settlement ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Call:
-    """One model call as the guard sees it."""
-
-    model: str
-    messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None
-    max_tokens: int | None
-    scopes: list[str]
-
-    def check_kwargs(self) -> dict[str, Any]:
-        """Arguments for ``guard.check``/``guard.acheck``."""
-        return {
-            "model": self.model,
-            "messages": self.messages,
-            "max_tokens": self.max_tokens,
-            "tools": self.tools,
-            "scopes": self.scopes,
-        }
 
 
 def failure_cost(

@@ -12,6 +12,7 @@ from langchain_core.messages import BaseMessage, BaseMessageChunk
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config
 
+from tb_plugins.core.request import Request
 from tb_plugins.engine import BudgetGuard, Decision
 from tb_plugins.errors import (
     BudgetRefused,
@@ -46,20 +47,20 @@ class BudgetDowngrade(Runnable[LanguageModelInput, BaseMessage]):
 
     def _plan(
         self, input: LanguageModelInput, config: RunnableConfig
-    ) -> tuple[lc.Call, list[BaseMessage]]:
+    ) -> tuple[Request, list[BaseMessage]]:
         base, settings = lc.unwrap_chat_model(self.model)
         messages = base._convert_input(input).to_messages()
-        call = lc.Call(
+        call = Request(
             model=lc.model_name(base),
             messages=lc.openai_messages(messages),
             tools=lc.openai_tools(settings.get("tools")),
             max_tokens=lc.requested_max_tokens(base, settings),
-            scopes=[*self.scopes, *lc.metadata_scopes(config.get("metadata"))],
+            scopes=(*self.scopes, *lc.metadata_scopes(config.get("metadata"))),
         )
         return call, messages
 
     def _choose(
-        self, call: lc.Call, decision: Decision
+        self, call: Request, decision: Decision
     ) -> Runnable[LanguageModelInput, BaseMessage]:
         chosen = self.model if decision.model == call.model else self.cheaper_model
         if decision.max_tokens is not None and (
@@ -69,15 +70,15 @@ class BudgetDowngrade(Runnable[LanguageModelInput, BaseMessage]):
             chosen = chosen.bind(**{key: decision.max_tokens})
         return chosen
 
-    def _check(self, call: lc.Call) -> Decision:
+    def _check(self, call: Request) -> Decision:
         try:
-            return self.guard.check(**call.check_kwargs())
+            return self.guard.check_request(call)
         except BudgetRefused as err:
             raise _lc_error(err) from None
 
-    async def _acheck(self, call: lc.Call) -> Decision:
+    async def _acheck(self, call: Request) -> Decision:
         try:
-            return await self.guard.acheck(**call.check_kwargs())
+            return await self.guard.acheck_request(call)
         except BudgetRefused as err:
             raise _lc_error(err) from None
 

@@ -16,6 +16,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
 from langchain_core.tracers.context import register_configure_hook
 
+from tb_plugins.core.request import Request
 from tb_plugins.engine import BudgetGuard, Decision
 from tb_plugins.engine.held import HeldCalls
 from tb_plugins.errors import (
@@ -169,16 +170,17 @@ class TokenBudgetCallbackHandler(BaseCallbackHandler):
             scopes.append(f"agent:{agent}")
         scopes.append(f"run:{root}")
         try:
-            decision = self.guard.check(
-                lc.invocation_model(params, metadata, serialized),
-                lc.openai_messages(messages) if messages is not None else None,
+            request = Request(
+                model=lc.invocation_model(params, metadata, serialized),
+                messages=lc.openai_messages(messages) if messages is not None else None,
                 prompt=prompt,
                 max_tokens=lc.invocation_max_tokens(params, metadata),
                 tools=lc.openai_tools(params.get("tools")),
-                scopes=scopes,
+                scopes=tuple(scopes),
                 reservation_id=run_id.hex,
                 adjust=False,
             )
+            decision = self.guard.check_request(request)
         except BudgetRefused as err:
             self._leave(run_id)
             raise _lc_error(err) from None

@@ -23,6 +23,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import Command
 from typing_extensions import NotRequired
 
+from tb_plugins.core.request import Request
 from tb_plugins.engine import BudgetGuard, Decision
 from tb_plugins.errors import (
     BudgetRefused,
@@ -123,7 +124,7 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         """Check, apply the decision, call, settle."""
         call = self._call(request)
         try:
-            decision = self.guard.check(**call.check_kwargs())
+            decision = self.guard.check_request(call)
         except BudgetRefused as err:
             return self._exhausted(err)
         token = _GUARDED.set(True)
@@ -145,7 +146,7 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         """Async :meth:`wrap_model_call`."""
         call = self._call(request)
         try:
-            decision = await self.guard.acheck(**call.check_kwargs())
+            decision = await self.guard.acheck_request(call)
         except BudgetRefused as err:
             return self._exhausted(err)
         token = _GUARDED.set(True)
@@ -161,7 +162,7 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
 
     # helpers --------------------------------------------------------------------------------
 
-    def _call(self, request: ModelRequest[Any]) -> lc.Call:
+    def _call(self, request: ModelRequest[Any]) -> Request:
         metadata = lc.current_metadata()
         scopes = [*self.scopes, *lc.metadata_scopes(metadata)]
         agent = metadata.get("lc_agent_name")
@@ -173,16 +174,16 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         messages = list(request.messages)
         if request.system_message is not None:
             messages.insert(0, request.system_message)
-        return lc.Call(
+        return Request(
             model=lc.model_name(request.model),
             messages=lc.openai_messages(messages),
             tools=lc.openai_tools(request.tools),
             max_tokens=lc.requested_max_tokens(request.model, request.model_settings),
-            scopes=scopes,
+            scopes=tuple(scopes),
         )
 
     def _apply(
-        self, request: ModelRequest[Any], call: lc.Call, decision: Decision
+        self, request: ModelRequest[Any], call: Request, decision: Decision
     ) -> ModelRequest[Any]:
         model = request.model
         if decision.model != call.model:

@@ -51,9 +51,7 @@ def guarded_completion(
     if view is None or view.model is None:
         raise TypeError("guarded_completion() needs model= and messages= keyword arguments")
     all_scopes = [*scopes, *scopes_from(completion_kwargs.get("metadata"))]
-    decision = guard.check(
-        view.model, view.messages, max_tokens=view.max_tokens, scopes=all_scopes, tools=view.tools
-    )
+    decision = guard.check_request(view.request(all_scopes))
     kwargs = dict(completion_kwargs, model=decision.model)
     apply_decision(kwargs, view, decision)
     ask_stream_usage(kwargs)

@@ -112,16 +112,8 @@ class TokenBudgetLogger(CustomLogger):
         adjust: bool,
     ) -> Decision:
         try:
-            return await self.guard.acheck(
-                model,
-                messages,
-                max_tokens=view.output_cap,
-                scopes=scopes,
-                tools=view.tools,
-                prompt=view.prompt,
-                input_tokens=view.input_tokens,
-                adjust=adjust,
-            )
+            request = view.request(scopes, model=model, messages=messages, adjust=adjust)
+            return await self.guard.acheck_request(request)
         except BudgetRefused as err:
             err.status_code = NO_RETRY_STATUS  # type: ignore[attr-defined]
             raise

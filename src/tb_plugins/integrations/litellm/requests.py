@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tb_plugins.core.request import Request
 from tb_plugins.core.usage import Usage, check_count
 from tb_plugins.engine import Decision
 
@@ -53,6 +54,27 @@ class RequestView:
     def output_cap(self) -> int | None:
         """The ``max_tokens`` to check with (0 for calls without output)."""
         return 0 if self.max_tokens_key is None else self.max_tokens
+
+    def request(
+        self,
+        scopes: Sequence[str],
+        *,
+        model: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        adjust: bool = True,
+    ) -> Request:
+        """The :class:`~tb_plugins.core.request.Request` the guard decides (``model`` and
+        ``messages`` replace the request's own when given)."""
+        return Request(
+            model=model or self.model or "",
+            messages=self.messages if messages is None else messages,
+            max_tokens=self.output_cap,
+            scopes=tuple(scopes),
+            tools=self.tools,
+            prompt=self.prompt,
+            input_tokens=self.input_tokens,
+            adjust=adjust,
+        )
 
 
 def _int(value: Any) -> int | None:

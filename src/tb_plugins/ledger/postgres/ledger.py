@@ -34,7 +34,7 @@ __all__ = ["SCHEMA_SQL", "SCHEMA_VERSION", "PostgresLedger"]
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA_SQL: str = (pkgutil.get_data("tb_plugins.ledger.postgres", "schema.sql") or b"").decode()
 """Tables and functions of the ledger, run with ``search_path`` set to the ledger's schema."""
 

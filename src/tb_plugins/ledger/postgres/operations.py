@@ -21,9 +21,9 @@ from urllib.parse import quote, unquote
 from tb_plugins.core.lines import Line, LineState, ReserveResult, SettleResult
 from tb_plugins.core.usage import Amounts, UsageRecord, UsageRow
 from tb_plugins.errors import LedgerError
-from tb_plugins.ledger.base import (
+from tb_plugins.ledger.base import GroupBy
+from tb_plugins.ledger.checks import (
     RECORD_COLUMNS,
-    GroupBy,
     distinct_lines,
     out_of_range,
     record_from_row,
@@ -74,6 +74,8 @@ _SCOPES = (
     "SELECT key FROM lines AS l "
     "WHERE EXISTS (SELECT 1 FROM counters AS c WHERE c.key_hash = l.key_hash)"
 )
+_APPEND_OVERRIDE = "SELECT tb_append_override(%s)"
+_OVERRIDES = "SELECT version, body FROM overrides WHERE version > %s ORDER BY version"
 _SERVER_TIME = "SELECT extract(epoch FROM clock_timestamp())::float8"
 _PING = "SELECT 1"
 _RECORDS = f"""
@@ -89,7 +91,9 @@ SELECT {key} AS k,
        coalesce(sum(u.input_tokens) FILTER (WHERE u.action <> 'deny'), 0),
        coalesce(sum(u.output_tokens) FILTER (WHERE u.action <> 'deny'), 0),
        coalesce(sum(u.cached_input_tokens) FILTER (WHERE u.action <> 'deny'), 0),
-       coalesce(sum(u.usd) FILTER (WHERE u.action <> 'deny'), 0)
+       coalesce(sum(u.usd) FILTER (WHERE u.action <> 'deny'), 0),
+       count(*) FILTER (WHERE u.action = 'clamp'),
+       count(*) FILTER (WHERE u.action = 'downgrade')
   FROM usage AS u {join}
  WHERE (%(since)s::float8 IS NULL OR u.ts >= %(since)s::float8)
    AND (%(until)s::float8 IS NULL OR u.ts < %(until)s::float8)
@@ -296,6 +300,13 @@ class PostgresOperations(NetworkLedger):
     def _claim_alert(self, alert_key: str, expires_at: float | None) -> Flow[bool]:
         args = (codec.sha(alert_key), codec.to_text(alert_key), expires_at)
         return (yield from self._fetch(_CLAIM_ALERT, args)) is not None
+
+    def _append_override(self, body: str) -> Flow[int]:
+        return int((yield from self._fetch(_APPEND_OVERRIDE, (body,))))
+
+    def _overrides(self, after: int) -> Flow[list[tuple[int, str]]]:
+        rows = yield from self._session(lambda conn: fetchall(conn, _OVERRIDES, (after,)))
+        return [(int(v), str(b)) for v, b in rows]
 
     def _append_usage(self, record: UsageRecord) -> Flow[None]:
         yield from self._fetch(_LOG, codec.record_args(record))

@@ -1,4 +1,4 @@
--- The PostgreSQL ledger of tb_plugins, schema version 4.
+-- The PostgreSQL ledger of tb_plugins, schema version 5.
 --
 -- Run (by tb_plugins.ledger.postgres, under an advisory lock, once per database and schema, and
 -- again to upgrade a schema of an older version) with search_path set to the ledger's schema:
@@ -53,6 +53,9 @@
 -- Version 3 -> 4: on a rolling line every live hold counts, whatever bucket it was made in
 -- (tb_states2 and tb_reserve2; see "Which holds count" above). Only the function bodies
 -- change, not their signatures, so processes still running older code get the fix too.
+--
+-- Version 4 -> 5: the runtime budget overrides' log (overrides, tb_append_override). Nothing
+-- else changes.
 
 CREATE TABLE IF NOT EXISTS meta (
     key   text PRIMARY KEY,
@@ -140,6 +143,26 @@ CREATE TABLE IF NOT EXISTS alerts (
     key        text  NOT NULL,
     expires_at double precision
 );
+
+-- The runtime budget overrides: an append-only log read in version order. Appends take the
+-- table's lock, so versions commit in the order they are handed out and a reader that has
+-- seen version n never misses a version below it that commits later.
+CREATE TABLE IF NOT EXISTS overrides (
+    version bigint PRIMARY KEY,
+    body    text   NOT NULL
+);
+
+CREATE OR REPLACE FUNCTION tb_append_override(p_body text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v bigint;
+BEGIN
+    LOCK TABLE overrides IN EXCLUSIVE MODE;
+    SELECT coalesce(max(version), 0) + 1 INTO v FROM overrides;
+    INSERT INTO overrides (version, body) VALUES (v, p_body);
+    RETURN v;
+END
+$$;
 
 -- sum() of bigints without the detour through numeric (and 0 for no rows): a plain int8
 -- addition per row, which also errors out on overflow.
@@ -422,4 +445,4 @@ BEGIN
 END
 $$;
 
-INSERT INTO meta (key, value) VALUES ('schema_version', '4') ON CONFLICT (key) DO NOTHING;
+INSERT INTO meta (key, value) VALUES ('schema_version', '5') ON CONFLICT (key) DO NOTHING;

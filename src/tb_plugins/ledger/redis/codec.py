@@ -18,7 +18,8 @@ import struct
 from collections.abc import Sequence
 
 from tb_plugins.core.usage import UsageRecord
-from tb_plugins.ledger.base import LineState, json_text, out_of_range
+from tb_plugins.ledger.base import LineState
+from tb_plugins.ledger.checks import json_text, out_of_range
 
 __all__ = ["decode_record", "encode_record", "num", "pack", "states", "token", "watched"]
 

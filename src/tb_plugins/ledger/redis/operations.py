@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 from tb_plugins.core.lines import Line, LineState, ReserveResult, SettleResult
 from tb_plugins.core.usage import UsageRecord, UsageRow
-from tb_plugins.ledger.base import GroupBy, distinct_lines, distinct_watch, spread, usage_rows
+from tb_plugins.ledger.base import GroupBy
+from tb_plugins.ledger.checks import distinct_lines, distinct_watch, spread, usage_rows
 from tb_plugins.ledger.flow import Flow, Report, Reserve, Settle
 from tb_plugins.ledger.network import NetworkLedger, split_line_key
 from tb_plugins.ledger.redis import codec
@@ -68,9 +69,10 @@ def group_usage(
     records: Sequence[UsageRecord], group_by: GroupBy, scope: str | None
 ) -> list[UsageRow]:
     """Totals of ``records`` grouped by scope (each distinct scope of a record), model or UTC
-    day: ``requests`` counts settled records, ``denied`` refused ones, and the token and usd
-    sums cover settled records only. Sorted by key."""
-    sums: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0.0])
+    day: ``requests`` counts settled records (``clamped`` and ``downgraded`` those of that
+    action), ``denied`` refused ones, and the token and usd sums cover settled records only.
+    Sorted by key."""
+    sums: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0.0, 0, 0])
     for r in records:
         if scope is not None and scope not in r.scopes:
             continue
@@ -90,6 +92,10 @@ def group_usage(
             row[3] += r.output_tokens
             row[4] += r.cached_input_tokens
             row[5] += r.usd
+            if r.action == "clamp":
+                row[6] += 1
+            elif r.action == "downgrade":
+                row[7] += 1
     return usage_rows((key, *v) for key, v in sums.items())
 
 
@@ -198,6 +204,16 @@ class RedisOperations(NetworkLedger):
         key = f"{self.key_prefix}:a:{alert_key}"
         ttl = None if expires_at is None else _ttl(expires_at - time.time(), ALERT_GRACE)
         return bool((yield from self._call(command("set", key, b"1", nx=True, ex=ttl))))
+
+    def _append_override(self, body: str) -> Flow[int]:
+        """``RPUSH`` onto one list: its new length is the version, atomically."""
+        key = f"{self.key_prefix}:overrides"
+        return int((yield from self._call(command("rpush", key, body.encode()))))
+
+    def _overrides(self, after: int) -> Flow[list[tuple[int, str]]]:
+        key = f"{self.key_prefix}:overrides"
+        items = yield from self._call(command("lrange", key, after, -1))
+        return [(after + i + 1, _text(b)) for i, b in enumerate(items)]
 
     def _log_args(self, record: UsageRecord) -> tuple[str, str, str, int, float]:
         """The record's JSON, its ts (as text), its UTC day, the day's start, and how long to

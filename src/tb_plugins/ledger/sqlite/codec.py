@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from tb_plugins.core.usage import UNITS, ZERO, UsageRecord
-from tb_plugins.ledger.base import Line, LineState, json_text
+from tb_plugins.ledger.base import Line, LineState
+from tb_plugins.ledger.checks import json_text
 
 __all__ = ["ANY_HOLD", "read_states", "record_row", "write_rows"]
 

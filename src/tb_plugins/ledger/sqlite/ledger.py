@@ -406,6 +406,8 @@ class SQLiteLedger(SQLiteOperations):
             row = conn.execute(schema.VERSION).fetchone()
             if row is not None and int(row[0]) >= schema.SCHEMA_VERSION:
                 self._check_version(int(row[0]))
+                if conn.execute(schema.HAS_OVERRIDES).fetchone() is None:
+                    _transact(conn, schema.create_always, write=True)
                 return
         if not self._memory:
             conn.execute(f"PRAGMA page_size={schema.PAGE_SIZE}")  # takes on a new file only

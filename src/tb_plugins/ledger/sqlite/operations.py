@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 
 from tb_plugins.core.lines import Line, LineState, ReserveResult, SettleResult
 from tb_plugins.core.usage import Amounts, UsageRecord, UsageRow
-from tb_plugins.ledger.base import (
-    GroupBy,
+from tb_plugins.ledger.base import GroupBy
+from tb_plugins.ledger.checks import (
     distinct_lines,
     distinct_watch,
     record_from_row,
@@ -71,7 +71,7 @@ def _merge_usage(
         if scope is not None and scope not in path:
             continue
         for k in dict.fromkeys(path) if group_by == "scope" else (key,):
-            total = totals.setdefault(k, [0, 0, 0, 0, 0, 0.0])
+            total = totals.setdefault(k, [0, 0, 0, 0, 0, 0.0, 0, 0])
             for i, v in enumerate(sums):
                 total[i] += v or 0
     return usage_rows((k, *v) for k, v in totals.items())
@@ -168,6 +168,17 @@ class SQLiteOperations(FlowLedger):
             lambda conn: conn.execute(sql.CLAIM_ALERT, (alert_key, expires_at)).rowcount > 0,
         )
         return claimed
+
+    def _append_override(self, body: str) -> Flow[int]:
+        version: int = yield (
+            WRITE,
+            lambda conn: conn.execute(sql.APPEND_OVERRIDE, (body,)).fetchone()[0],
+        )
+        return version
+
+    def _overrides(self, after: int) -> Flow[list[tuple[int, str]]]:
+        rows = yield READ, lambda conn: conn.execute(sql.OVERRIDES, (after,)).fetchall()
+        return [(int(v), str(b)) for v, b in rows]
 
     def _append_usage(self, record: UsageRecord) -> Flow[None]:
         yield WRITE, lambda conn: conn.execute(sql.INSERT_USAGE, (None, *record_row(record)))

@@ -10,11 +10,13 @@ Tables::
         is also the set of settled ids that makes settle idempotent; scopes is a JSON list
     alerts(key, expires_at)                                       alerts already claimed
     meta(key, value)                                              schema_version
+    overrides(version, body)                                      the runtime overrides' log
 
 ``counters`` and ``holds`` are ``WITHOUT ROWID`` tables: reading a line's state is one range
 of a primary key that holds the sums itself. A version 1 file (tb-plugins 0.1) is migrated
-in place the first time a newer process opens it (:data:`MIGRATE_FROM_1`). The statements that
-read line states are built by :mod:`tb_plugins.ledger.sqlite.codec`.
+in place the first time a newer process opens it (:data:`MIGRATE_FROM_1`); ``overrides``
+is created in any file that lacks it (:data:`ALWAYS`), so it needs no version of its own.
+The statements that read line states are built by :mod:`tb_plugins.ledger.sqlite.codec`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import contextlib
 import sqlite3
 
 from tb_plugins.core.usage import UNITS
-from tb_plugins.ledger.base import RECORD_COLUMNS
+from tb_plugins.ledger.checks import RECORD_COLUMNS
 
 SCHEMA_VERSION = 2
 PAGE_SIZE = 1024  # bytes, for new files: a settle dirties a few pages, the WAL writes them whole
@@ -80,6 +82,9 @@ MIGRATE_FROM_1 = (
     _HOLDS_INDEX,
     "DROP TABLE IF EXISTS usage_scopes",
 )
+# Run on every open: tables added since version 2 that older files may lack.
+ALWAYS = ("CREATE TABLE IF NOT EXISTS overrides (version INTEGER PRIMARY KEY, body TEXT NOT NULL)",)
+HAS_OVERRIDES = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'overrides'"
 VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
 SET_VERSION = "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)"
 
@@ -91,11 +96,17 @@ def create_or_migrate(conn: sqlite3.Connection) -> int:
     with contextlib.suppress(sqlite3.OperationalError):  # no meta table yet
         row = conn.execute(VERSION).fetchone()
     statements = SCHEMA if row is None else MIGRATE_FROM_1 if int(row[0]) == 1 else ()
-    for statement in statements:
+    for statement in (*statements, *ALWAYS):
         conn.execute(statement)
     if statements:
         conn.execute(SET_VERSION, (str(SCHEMA_VERSION),))
     return int(conn.execute(VERSION).fetchone()[0])
+
+
+def create_always(conn: sqlite3.Connection) -> None:
+    """Create the tables of :data:`ALWAYS` that a file of the current version lacks."""
+    for statement in ALWAYS:
+        conn.execute(statement)
 
 
 # -- the operations ------------------------------------------------------------------------
@@ -135,6 +146,12 @@ PRUNE = (
 )
 CLAIM_ALERT = "INSERT INTO alerts (key, expires_at) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
 SCOPES = "SELECT DISTINCT scope, window FROM counters ORDER BY scope, window"
+# One writer at a time (the write lock), so versions are handed out in commit order.
+APPEND_OVERRIDE = (
+    "INSERT INTO overrides (version, body)"
+    " VALUES ((SELECT ifnull(max(version), 0) + 1 FROM overrides), ?) RETURNING version"
+)
+OVERRIDES = "SELECT version, body FROM overrides WHERE version > ? ORDER BY version"
 RECORDS = f"""
 SELECT {RECORD_COLUMNS} FROM usage
  WHERE (:since IS NULL OR ts >= :since) AND (:until IS NULL OR ts < :until)
@@ -148,7 +165,8 @@ _SUMS = """sum(u.action != 'deny'), sum(u.action = 'deny'),
        sum(CASE WHEN u.action != 'deny' THEN u.input_tokens ELSE 0 END),
        sum(CASE WHEN u.action != 'deny' THEN u.output_tokens ELSE 0 END),
        sum(CASE WHEN u.action != 'deny' THEN u.cached_input_tokens ELSE 0 END),
-       sum(CASE WHEN u.action != 'deny' THEN u.usd ELSE 0 END)"""
+       sum(CASE WHEN u.action != 'deny' THEN u.usd ELSE 0 END),
+       sum(u.action = 'clamp'), sum(u.action = 'downgrade')"""
 _PERIOD = "(:since IS NULL OR u.ts >= :since) AND (:until IS NULL OR u.ts < :until)"
 _USAGE_TEMPLATE = f"""
 SELECT {{key}} AS k, {_SUMS}
@@ -163,10 +181,27 @@ SELECT {{key}} AS k, u.scopes, {_SUMS}
  WHERE {_PERIOD} AND instr(u.scopes, {_NUL}) > 0
  GROUP BY k, u.scopes
 """
+# By scope, in two steps: the records summed per scope list first (one sort of the log), then
+# those sums per scope of each list: a log repeats its lists, so this sorts far fewer rows than
+# a row per (record, scope) would (benchmarks/bench_report.py; slower only when nearly every
+# call has a list of its own).
+_USAGE_BY_SCOPE = f"""
+WITH p(scopes, n, d, i, o, c, usd, cl, dg) AS (
+  SELECT u.scopes, {_SUMS}
+    FROM usage u
+   WHERE {_PERIOD} AND ifnull(instr(u.scopes, {_NUL}), 0) = 0
+     AND (:scope IS NULL OR EXISTS (SELECT 1 FROM json_each(u.scopes) f WHERE f.value = :scope))
+   GROUP BY u.scopes
+)
+SELECT s.value AS k, sum(p.n), sum(p.d), sum(p.i), sum(p.o), sum(p.c), sum(p.usd), sum(p.cl),
+       sum(p.dg)
+  FROM p JOIN json_each(p.scopes) s
+ GROUP BY k
+"""
 _DAY = "strftime('%Y-%m-%d', u.ts, 'unixepoch')"
 USAGE: dict[str, tuple[str, str]] = {
     "scope": (
-        _USAGE_TEMPLATE.format(key="s.value", join="JOIN json_each(u.scopes) s"),
+        _USAGE_BY_SCOPE,
         _USAGE_NUL_TEMPLATE.format(key="NULL"),
     ),
     "model": (
