@@ -24,16 +24,6 @@ from tb_plugins.core.quantities import short_repr
 from tb_plugins.errors import ConfigError
 from tb_plugins.policy_yaml import read_policy_yaml
 
-__all__ = [
-    "AlertSinkSpec",
-    "Policy",
-    "PriceSpec",
-    "RequestCaps",
-    "UsePrice",
-    "load_policy",
-    "load_policy_dict",
-]
-
 
 class RequestCaps(_Strict):
     """Per-call caps (``request:``), each at most

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from tb_plugins.core.usage import UNITS, nano_to_usd
 from tb_plugins.engine.drivers import Flow, adrive, drive
-from tb_plugins.engine.overrides import Override, OverrideLog, compile_overrides, new_override
+from tb_plugins.engine.overrides import (
+    Action,
+    Override,
+    OverrideLog,
+    compile_overrides,
+    new_override,
+)
 from tb_plugins.engine.planning import LinePlanner
 from tb_plugins.errors import ConfigError, LedgerError, LedgerUnavailable
 
@@ -86,12 +92,6 @@ class LiveBudgets:
     _time: LedgerClock
 
     def now(self) -> float:  # pragma: no cover - the guard's
-        raise NotImplementedError
-
-    def _sync_clock(self) -> LedgerUnavailable | None:  # pragma: no cover - the guard's
-        raise NotImplementedError
-
-    async def _async_sync_clock(self) -> LedgerUnavailable | None:  # pragma: no cover
         raise NotImplementedError
 
     def _init_overrides(self, file_budgets: list[Budget]) -> None:
@@ -178,12 +178,8 @@ class LiveBudgets:
             >>> [(b.scope, b.limit, b.source) for b in guard.budgets()][1]
             ('team:search', '3,000,000 tokens', 'override')
         """
-        self._sync_clock()  # `ts` and `until` on the shared clock
-        change = new_override(
-            "set", scope, limit, window=window, until=until, reason=reason, actor=actor,
-            now=self.now(),
-        )  # fmt: skip
-        return drive(self.ledger, self._change_flow(change))
+        flow = self._change_flow("set", scope, limit, window, until, reason, actor)
+        return drive(self.ledger, flow)
 
     async def aset_budget(
         self,
@@ -196,12 +192,8 @@ class LiveBudgets:
         actor: str | None = None,
     ) -> Override:
         """Async :meth:`set_budget`."""
-        await self._async_sync_clock()
-        change = new_override(
-            "set", scope, limit, window=window, until=until, reason=reason, actor=actor,
-            now=self.now(),
-        )  # fmt: skip
-        return await adrive(self.ledger, self._change_flow(change))
+        flow = self._change_flow("set", scope, limit, window, until, reason, actor)
+        return await adrive(self.ledger, flow)
 
     def unset_budget(
         self,
@@ -217,11 +209,8 @@ class LiveBudgets:
         Raises:
             ConfigError: no override of ``scope`` (in ``window``) is in force.
         """
-        self._sync_clock()
-        change = new_override(
-            "unset", scope, window=window, reason=reason, actor=actor, now=self.now()
-        )
-        return drive(self.ledger, self._change_flow(change))
+        flow = self._change_flow("unset", scope, None, window, None, reason, actor)
+        return drive(self.ledger, flow)
 
     async def aunset_budget(
         self,
@@ -232,13 +221,25 @@ class LiveBudgets:
         actor: str | None = None,
     ) -> Override:
         """Async :meth:`unset_budget`."""
-        await self._async_sync_clock()
-        change = new_override(
-            "unset", scope, window=window, reason=reason, actor=actor, now=self.now()
-        )
-        return await adrive(self.ledger, self._change_flow(change))
+        flow = self._change_flow("unset", scope, None, window, None, reason, actor)
+        return await adrive(self.ledger, flow)
 
-    def _change_flow(self, change: Override) -> Flow[Override]:
+    def _change_flow(
+        self,
+        action: Action,
+        scope: str,
+        limit: str | int | None,
+        window: str | None,
+        until: float | None,
+        reason: str | None,
+        actor: str | None,
+    ) -> Flow[Override]:
+        if self._time.due():  # `ts` and `until` on the shared clock
+            yield from self._time.sync_flow()
+        change = new_override(
+            action, scope, limit, window=window, until=until, reason=reason, actor=actor,
+            now=self.now(),
+        )  # fmt: skip
         down = yield from self._refresh_flow()
         if down is not None:
             raise down

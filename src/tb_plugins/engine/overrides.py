@@ -44,6 +44,7 @@ from tb_plugins.core.windows import parse_window
 from tb_plugins.errors import ConfigError
 
 __all__ = [
+    "Action",
     "MAX_ACTOR",
     "MAX_OVERRIDE_SPAN",
     "MAX_REASON",
