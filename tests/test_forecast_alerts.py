@@ -100,7 +100,8 @@ def test_a_budget_without_alert_thresholds_and_total_windows_never_forecast(
 
 
 def test_a_process_checks_a_line_at_most_every_few_minutes(tmp_path: Path) -> None:
-    """Between two checks of a line's forecast the settle reads no usage log."""
+    """Between two checks of a line's forecast the settle reads no usage log; a budget
+    under 10 % used is not read at all."""
     clock = Clock(DAY)
     alerts: list[Alert] = []
     ledger = make_ledger("memory", tmp_path)
@@ -114,9 +115,13 @@ def test_a_process_checks_a_line_at_most_every_few_minutes(tmp_path: Path) -> No
     ledger.usage = counting  # type: ignore[method-assign]
     guard = make(clock, ledger, alerts)
     start = DAY + 2 * HOUR  # past the window's first hour, when forecasts begin
-    spend(guard, clock, start, 10)
+    spend(guard, clock, start, 1100)  # past FORECAST_MIN_UTILIZATION (10 %)
     spend(guard, clock, start + 60, 10)
     spend(guard, clock, start + FORECAST_CHECK_SECONDS, 10)
+    assert len(reads) == 2
+    quiet = make(clock, make_ledger("memory", tmp_path), alerts, limit="1M tokens/day")
+    quiet.ledger.usage = counting  # type: ignore[method-assign]
+    spend(quiet, clock, start + 2 * FORECAST_CHECK_SECONDS, 5000)  # 0.5 % used
     assert len(reads) == 2
 
 

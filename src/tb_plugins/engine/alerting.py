@@ -29,7 +29,7 @@ from tb_plugins.ledger.base import LineState
 if TYPE_CHECKING:
     from tb_plugins.engine.planning import LinePlanner
 
-__all__ = ["FORECAST_CHECK_SECONDS", "AlertFlows"]
+__all__ = ["FORECAST_CHECK_SECONDS", "FORECAST_MIN_UTILIZATION", "AlertFlows"]
 
 logger = logging.getLogger("tb_plugins")
 
@@ -38,6 +38,8 @@ _FORECAST_MEMORY = 4096  # lines whose next forecast check is remembered (forgot
 _FORECAST_READS_PER_SCOPE = 4  # forecasts of more scopes read the log once per period
 FORECAST_CHECK_SECONDS = 300.0
 """How often, at most, one process checks one line's forecast for a ``forecast`` alert."""
+FORECAST_MIN_UTILIZATION = 0.1
+"""A budget's forecast is checked once it is this much used (below it, no usage-log read)."""
 
 
 class AlertFlows:
@@ -114,9 +116,10 @@ class AlertFlows:
         """``forecast`` alerts: a line with alert thresholds in a calendar window, checked at
         most every :data:`FORECAST_CHECK_SECONDS` per process, whose burn rate (the trailing
         hour, as ``tb status``) runs it out before it resets. Not before the window has run
-        an hour (or a tenth of its length, if shorter): the first minutes' rate says little.
-        One usage-log read per line checked; once per budget per window across processes
-        (the ledger's claim)."""
+        an hour (or a tenth of its length, if shorter): the first minutes' rate says little; and
+        not below :data:`FORECAST_MIN_UTILIZATION` used, so the many scopes that spend little
+        cost no read. One usage-log read per line checked; once per budget per window across
+        processes (the ledger's claim)."""
         due = [
             (lp, st)
             for lp, st in zip(lines, states, strict=True)
@@ -138,6 +141,7 @@ class AlertFlows:
             s
             for s in statuses([lp for lp, _ in due], [st for _, st in due], now, self.planner.tz)
             if s.budget in forecasting
+            and FORECAST_MIN_UTILIZATION <= s.utilization < 1
             and s.window_start is not None
             and s.resets_at is not None
             and now - s.window_start
