@@ -124,10 +124,11 @@ class AlertFlows:
             (lp, st)
             for lp, st in zip(lines, states, strict=True)
             if st is not None
-            and any(b.alerts and b.forecast_alert for b in lp.budgets)
+            and lp.alerts  # cheapest tests first: this runs on every settle
+            and self._forecast_due.get(lp.line.key, -math.inf) <= now
             and lp.resets_at is not None
             and not lp.line.rolling
-            and self._forecast_due.get(lp.line.key, -math.inf) <= now
+            and any(b.alerts and b.forecast_alert for b in lp.budgets)
         ]
         fired: list[Alert] = []
         if not due:
