@@ -445,18 +445,12 @@ def test_expose_leaves_an_existing_metrics_route_and_obeys_metrics_false(
 
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "litellm_proxy"
-WRAPPER = """\
-from tb_plugins.integrations.litellm.metrics import expose
-from tb_plugins.integrations.litellm_proxy import proxy_handler
-
-expose(proxy_handler.guard)
-"""
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A real LiteLLM proxy (the example config, upstream a fake OpenAI server) whose
-    callback module also calls `expose(proxy_handler.guard)`."""
+    """A real LiteLLM proxy (the example config, upstream a fake OpenAI server) running
+    `tb_plugins.integrations.litellm_proxy.proxy_handler` as its callback, nothing more."""
     from tb_plugins.testing.fake_openai import FakeOpenAI
     from test_litellm_proxy import start_proxy, stop, wait_ready
 
@@ -465,9 +459,9 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     config = yaml.safe_load((EXAMPLE / "config.yaml").read_text())
     for entry in config["model_list"]:
         entry["litellm_params"]["api_base"] = fake.base_url
-    config["litellm_settings"]["callbacks"] = ["tb_metrics_callback.proxy_handler"]
+    callback = "tb_plugins.integrations.litellm_proxy.proxy_handler"
+    assert callback in config["litellm_settings"]["callbacks"]
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
-    (tmp / "tb_metrics_callback.py").write_text(WRAPPER)
     shutil.copy(EXAMPLE / "custom_auth.py", tmp / "custom_auth.py")
     keys = {"sk-ann": {"key_alias": "ann-key", "user_id": "ann", "team_id": "search"}}
     (tmp / "keys.yaml").write_text(yaml.safe_dump(keys))
@@ -504,7 +498,7 @@ def proxy_metrics(url: str, key: str | None) -> tuple[int, str]:
 
 @pytest.mark.slow
 def test_the_proxy_shows_tb_series_on_its_own_metrics(proxy: dict[str, Any]) -> None:
-    """A real proxy running `proxy_handler` with `expose` serves tb series on its /metrics
+    """A real proxy running `proxy_handler` (which calls `expose`) serves tb series on its /metrics
     (behind its API-key auth), and after a chat completion they equal its ledger."""
     import openai
 
