@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from tb_plugins.counting import encoders
+from tb_plugins.counting.bound import BYTE_BOUND, scaled
 from tb_plugins.counting.cache import CountCache, stable_key
 from tb_plugins.counting.families import ToolRules, family, openai_encoding
 from tb_plugins.counting.messages import (
@@ -218,6 +219,54 @@ class TokenCounter:
         if tools:
             total += self._count_tools(plan, tools)
         return self._finish(plan, total)
+
+    def bound_messages(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> int:
+        """An upper bound of :meth:`count_messages` that encodes nothing and loads no
+        tokenizer: the same rules with each text counted as its UTF-8 bytes (see
+        :mod:`~tb_plugins.counting.bound`).
+
+        Example:
+            >>> counter = TokenCounter()
+            >>> hi = [{"role": "user", "content": "Hello!"}]
+            >>> counter.count_messages("gpt-4o", hi), counter.bound_messages("gpt-4o", hi)
+            (9, 16)
+        """
+        check_sequence(messages)
+        rules, factor = self._bound_plan(model)
+        total = REPLY_PRIMING_TOKENS
+        for message in messages:
+            total += count_message(BYTE_BOUND, message)
+        if tools:
+            if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):
+                total += BYTE_BOUND.count(render(tools))
+            else:
+                total += count_tools(BYTE_BOUND, rules, tools)
+        return scaled(total, factor)
+
+    def bound_text(self, model: str, text: str) -> int:
+        """An upper bound of :meth:`count_text` that encodes nothing."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return scaled(BYTE_BOUND.count(text), self._bound_plan(model)[1])
+
+    def _bound_plan(self, model: str) -> tuple[ToolRules, float]:
+        """The tool constants of ``model`` and the factor its bound needs: 1 when its own
+        tiktoken encoding is loaded (its count is then exact, with no margin), else the
+        approximation margin if above 1."""
+        plan = self._plans.get(model)
+        if plan is not None:
+            return plan.tool_rules, 1.0 if plan.exact else max(1.0, self._margin)
+        if not isinstance(model, str):
+            raise TypeError(f"model must be a str, got {type(model).__name__}")
+        how = family(model)
+        loaded = encoders.peek(how.encoding)
+        exact = how.own_encoding and isinstance(loaded, encoders.TiktokenEncoder)
+        return how.tool_rules, 1.0 if exact else max(1.0, self._margin)
 
     async def aprepare(
         self,

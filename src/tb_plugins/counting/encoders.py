@@ -40,6 +40,7 @@ __all__ = [
     "chunks",
     "get_encoding_offline",
     "load",
+    "peek",
 ]
 
 CHUNK_CHARS = 8192
@@ -140,6 +141,10 @@ class EncodingLoader:
                     self._encoders[name] = encoder
         return encoder
 
+    def peek(self, name: str) -> Encoder | None:
+        """The encoder for ``name`` if it is loaded already (never loads it)."""
+        return self._encoders.get(name)
+
     def _load(self, name: str) -> Encoder:
         try:
             import tiktoken
@@ -202,3 +207,8 @@ _LOADER = EncodingLoader()
 def load(name: str) -> Encoder:
     """Return the process-wide encoder for tiktoken encoding ``name`` (loaded once)."""
     return _LOADER.get(name)
+
+
+def peek(name: str) -> Encoder | None:
+    """The process-wide encoder for ``name`` if loaded already; None otherwise (no load)."""
+    return _LOADER.peek(name)
