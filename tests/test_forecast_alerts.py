@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from conftest import make_ledger
-from tb_plugins import BudgetGuard, Usage
+from tb_plugins import BudgetExceeded, BudgetGuard, Usage
 from tb_plugins.engine.alerting import FORECAST_CHECK_SECONDS
 from tb_plugins.engine.alerts import Alert, SlackSink
 from tb_plugins.ledger import Ledger
@@ -146,12 +146,32 @@ def test_slack_payload_carries_the_forecast() -> None:
     alert = Alert(
         scope="team:search", budget="team:* 10,000 tokens/day", window="day", threshold=0.0,
         utilization=0.4, resets_at=DAY + 24 * HOUR, ts=DAY + 4 * HOUR, kind="forecast",
-        forecast_exhausted_at=DAY + 14 * HOUR + 20 * 60,
+        forecast_exhausted_at=DAY + 14 * HOUR + 20 * 60, unit="tokens", spent=4000.0,
+        limit=10000.0,
     )  # fmt: skip
     body = SlackSink("https://hooks.slack.com/services/T/B/X").payload(alert)
     text = str(body)
-    for part in ("team:search", "10,000 tokens/day", "40%", "14:20 UTC", "resets 2026-09-23"):
+    for part in ("team:search", "10,000 tokens/day", "40% used: 4,000 of 10,000 tokens",
+                 "14:20 UTC", "resets 2026-09-23"):  # fmt: skip
         assert part in text
+
+
+def test_real_alerts_carry_spend_and_limit(tmp_path: Path) -> None:
+    """Threshold, forecast and exhausted alerts from a guard name the spend and the limit."""
+    clock = Clock(DAY)
+    alerts: list[Alert] = []
+    guard = make(clock, make_ledger("memory", tmp_path), alerts, limit="$1/day")
+    clock.t = DAY + 2 * HOUR
+    d = guard.check(model="gpt-4o", input_tokens=1, max_tokens=1, scopes=["team:a"])
+    guard.settle(d, Usage(input_tokens=380_000, output_tokens=0))  # $0.95 of gpt-4o input
+    by_kind = {a.kind: a for a in alerts}
+    assert by_kind["threshold"].unit == "usd" and by_kind["threshold"].limit == 1.0
+    assert "used: $0.95 of $1.00" in by_kind["threshold"].message
+    assert "forecast" in by_kind
+    with pytest.raises(BudgetExceeded):
+        guard.check(model="gpt-4o", input_tokens=100_000, max_tokens=1, scopes=["team:a"])
+    exhausted = next(a for a in alerts if a.kind == "exhausted")
+    assert "of $1.00" in exhausted.message
 
 
 def test_status_of_many_scopes_reads_the_log_once_and_forecasts_the_same(tmp_path: Path) -> None:

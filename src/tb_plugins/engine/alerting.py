@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tb_plugins.core.policy import LinePlan, alerts_crossed
-from tb_plugins.core.usage import Amounts, UsageRow
+from tb_plugins.core.usage import UNITS, Amounts, UsageRow, unit_value
 from tb_plugins.engine.alerts import Alert, AlertSink, dispatch
 from tb_plugins.engine.decision import (
     FORECAST_TRAILING_SECONDS,
@@ -27,6 +27,7 @@ from tb_plugins.errors import BudgetExceeded, BudgetRefused, LedgerError
 from tb_plugins.ledger.base import LineState
 
 if TYPE_CHECKING:
+    from tb_plugins.core.budgets import Budget
     from tb_plugins.engine.planning import LinePlanner
 
 __all__ = ["FORECAST_CHECK_SECONDS", "FORECAST_MIN_UTILIZATION", "AlertFlows"]
@@ -84,6 +85,9 @@ class AlertFlows:
             resets_at=err.resets_at,
             ts=now,
             kind="exhausted",
+            unit=err.unit,
+            spent=float(err.spent),  # the refusal's figures are in the unit's own terms
+            limit=float(err.limit),
         )
         yield from self._fire(alert, key, lp)
 
@@ -97,6 +101,7 @@ class AlertFlows:
         fired = []
         for lp, budget, threshold, util in alerts_crossed(lines, states, charged):
             key = f"{lp.line.key}|{lp.line.bucket}|{budget.index}:{budget.name}|{threshold:g}"
+            state = states[lines.index(lp)]
             alert = Alert(
                 scope=lp.line.scope,
                 budget=budget.name,
@@ -105,6 +110,7 @@ class AlertFlows:
                 utilization=util,
                 resets_at=lp.resets_at,
                 ts=now,
+                **_figures(budget, state),
             )
             if (yield from self._fire(alert, key, lp)):
                 fired.append(alert)
@@ -170,6 +176,9 @@ class AlertFlows:
                 ts=now,
                 kind="forecast",
                 forecast_exhausted_at=at,
+                unit=s.unit,
+                spent=s.spent,
+                limit=s.limit,
             )
             if (yield from self._fire(alert, key, lp)):
                 fired.append(alert)
@@ -211,3 +220,20 @@ class AlertFlows:
                 listener(event, data)
             except Exception:
                 logger.exception("tb_plugins: listener %r failed", listener)
+
+
+def _figures(budget: Budget, state: LineState | None) -> dict[str, Any]:
+    """The unit, spent and limit of the budget's most used unit after a settle (settled
+    spend only, as thresholds count it), for an alert's message."""
+    if state is None:
+        return {}
+    best: tuple[float, int, int] | None = None
+    for u, lim in enumerate(budget.limits):
+        if lim:
+            used = state.spent[u] / lim
+            if best is None or used > best[0]:
+                best = (used, u, lim)
+    if best is None:
+        return {}
+    _, u, lim = best
+    return {"unit": UNITS[u], "spent": unit_value(u, state.spent[u]), "limit": unit_value(u, lim)}

@@ -48,6 +48,9 @@ class Alert:
         kind: ``threshold``, ``forecast`` (at the current burn rate the budget runs out
             before it resets; ``threshold`` is 0) or ``exhausted``.
         forecast_exhausted_at: for ``forecast``, when it runs out at that rate.
+        unit: the unit the figures below are in (the budget's most used one).
+        spent: what the budget has spent in that unit (dollars for ``usd``).
+        limit: the budget's limit in that unit.
     """
 
     scope: str
@@ -59,6 +62,9 @@ class Alert:
     ts: float
     kind: str = "threshold"
     forecast_exhausted_at: float | None = None
+    unit: str | None = None
+    spent: float | None = None
+    limit: float | None = None
 
     @property
     def message(self) -> str:
@@ -69,26 +75,31 @@ class Alert:
             else "resets "
             + datetime.fromtimestamp(self.resets_at, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         )
+        used = f"{self.utilization:.0%} used"
+        if self.unit is not None and self.spent is not None and self.limit is not None:
+            spent = _amount(self.unit, self.spent).split(" ")[0]
+            used += f": {spent} of {_amount(self.unit, self.limit)}"
+        tail = f"({used}; window {self.window} {reset})"
         if self.kind == "forecast" and self.forecast_exhausted_at is not None:
             at = datetime.fromtimestamp(self.forecast_exhausted_at, tz=timezone.utc)
             return (
                 f"budget {self.budget!r} for {self.scope} will be spent by "
-                f"{at.strftime('%Y-%m-%d %H:%M UTC')} at the current burn rate "
-                f"({self.utilization:.0%} used; window {self.window} {reset})"
+                f"{at.strftime('%Y-%m-%d %H:%M UTC')} at the current burn rate {tail}"
             )
         if self.kind == "exhausted":
-            return (
-                f"budget {self.budget!r} for {self.scope} is exhausted: it refused a call "
-                f"({self.utilization:.0%} used; window {self.window} {reset})"
-            )
-        return (
-            f"budget {self.budget!r} for {self.scope} crossed {self.threshold:.0%} "
-            f"({self.utilization:.0%} used; window {self.window} {reset})"
-        )
+            return f"budget {self.budget!r} for {self.scope} is exhausted: it refused a call {tail}"
+        return f"budget {self.budget!r} for {self.scope} crossed {self.threshold:.0%} {tail}"
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready fields plus the message."""
         return {**asdict(self), "message": self.message}
+
+
+def _amount(unit: str, value: float) -> str:
+    """``1,660 tokens``, ``$4.20``."""
+    if unit == "usd":
+        return f"${value:,.2f}"
+    return f"{value:,.0f} {unit.replace('_', ' ')}"
 
 
 class LogSink:
