@@ -91,13 +91,15 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def guard_for(url: str) -> Any:
+def guard_for(url: str, estimate: str = "exact") -> Any:
     """A guard with a token counter of its own: a prompt another guard (or litellm) counted
-    is still first seen here."""
+    is still first seen here. ``estimate``: ``exact`` or ``bound_first`` (the input side
+    from an upper bound that encodes nothing; far from the limits, as here, no count)."""
     from tb_plugins import BudgetGuard
     from tb_plugins.counting import TokenCounter
 
-    return BudgetGuard.from_dict({**POLICY, "ledger": url}, tokenizer=TokenCounter())
+    policy = {**POLICY, "ledger": url, "estimate": {"input": estimate}}
+    return BudgetGuard.from_dict(policy, tokenizer=TokenCounter())
 
 
 def cycle(guard: Any, messages: list[dict[str, Any]]) -> None:
@@ -133,16 +135,21 @@ def main() -> None:
     import litellm
 
     tmp = tempfile.mkdtemp()
-    backends = {"memory": "memory://", "sqlite": f"sqlite:///{tmp}/bench.db"}
+    backends = {
+        "memory": ("memory://", "exact"),
+        "sqlite": (f"sqlite:///{tmp}/bench.db", "exact"),
+        "memory, bound-first": ("memory://", "bound_first"),
+        "sqlite, bound-first": (f"sqlite:///{tmp}/bench2.db", "bound_first"),
+    }
     rows: list[dict[str, Any]] = []
 
     # warm-up: tokenizer files, the price map, litellm's lazy imports
-    for url in backends.values():
-        cycle(guard_for(url), prompt_1k(-1))
+    for url, estimate in backends.values():
+        cycle(guard_for(url, estimate), prompt_1k(-1))
     litellm.token_counter(model=MODEL, messages=prompt_1k(-2))
 
     # 1. a first-seen 1k-token prompt; backends interleaved per repetition (no order bias)
-    guards = {name: guard_for(url) for name, url in backends.items()}
+    guards = {name: guard_for(url, estimate) for name, (url, estimate) in backends.items()}
     base: list[float] = []
     per: dict[str, list[float]] = {name: [] for name in backends}
     for s in range(args.reps):

@@ -7,6 +7,8 @@ Every error derives from :class:`TokenBudgetError`::
     ├── BudgetRefused            a call was refused; never retry it
     │   ├── BudgetExceeded       a budget of a scope has no room for the call
     │   │   └── LoopLimitExceeded  the per-run/session `calls` limit (agent-loop cutoff)
+    │   │       ├── ToolLimitExceeded  a `tool_calls` budget refuses one tool call
+    │   │       └── RunLimitExceeded   `repeats` or `seconds`: the run must end
     │   ├── RequestTooLarge      a per-request cap (`request.max_input_tokens`) was exceeded
     │   └── UnpricedModel        `unpriced: deny` and the model has no known price
     └── LedgerError              the ledger failed (wrapped with ``raise ... from exc``)
@@ -19,6 +21,7 @@ otherwise retry them (see ``tb_plugins.integrations.langchain``).
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 __all__ = [
     "BudgetExceeded",
@@ -28,7 +31,9 @@ __all__ = [
     "LedgerUnavailable",
     "LoopLimitExceeded",
     "RequestTooLarge",
+    "RunLimitExceeded",
     "TokenBudgetError",
+    "ToolLimitExceeded",
     "UnpricedModel",
 ]
 
@@ -60,8 +65,10 @@ def _fmt_amount(unit: str, value: float) -> str:
     if unit == "usd":
         return f"${value:,.4f}"
     n = int(value)
-    noun = {"calls": "call", "requests": "request"}.get(unit, unit.replace("_", " "))
-    if noun in ("call", "request") and n != 1:
+    noun = {"calls": "call", "requests": "request", "tool_calls": "tool call"}.get(
+        unit, unit.replace("_", " ")
+    )
+    if noun in ("call", "request", "tool call") and n != 1:
         noun += "s"
     return f"{n:,} {noun}"
 
@@ -133,6 +140,66 @@ class BudgetExceeded(BudgetRefused):
 
 class LoopLimitExceeded(BudgetExceeded):
     """A run or session used up its ``calls`` limit: the agent-loop cutoff."""
+
+
+class ToolLimitExceeded(LoopLimitExceeded):
+    """A ``tool_calls`` budget has no room: this tool call is refused before it runs (the run
+    may go on, and other tools still run).
+
+    Attributes:
+        tool: the tool refused. ``unit`` is ``tool_calls``; ``spent`` the calls already made in
+            the budget's window, ``limit`` its limit, ``requested`` 1.
+    """
+
+    def __init__(self, *, tool: str, **fields: Any):
+        self.tool = tool
+        if fields.get("message") is None:
+            fields["message"] = (
+                f"tool {tool!r} refused: budget {fields['budget']!r} for scope "
+                f"{fields['scope']!r} allows {_fmt_amount('tool_calls', fields['limit'])} and "
+                f"{_fmt_amount('tool_calls', fields['spent'])} were made; "
+                f"{_resets(fields['resets_at'])}. Go on without this tool, or raise "
+                f"'tool_calls' in the policy"
+            )
+        super().__init__(**fields)
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready description, with the tool."""
+        return {**super().to_dict(), "tool": self.tool}
+
+
+class RunLimitExceeded(LoopLimitExceeded):
+    """A run must end: a tool was called ``repeats`` times with the same arguments (the agent
+    is looping), or the run is past its ``seconds``. Every later model or tool call of the run
+    is refused with the same error.
+
+    Attributes:
+        tool: the repeated tool (None for ``seconds``). ``unit`` is ``repeats`` (``spent``: the
+            identical calls made before this one, ``limit``: N) or ``seconds`` (``spent``: the
+            seconds the run has lasted, ``limit``: its limit).
+    """
+
+    def __init__(self, *, tool: str | None = None, **fields: Any):
+        self.tool = tool
+        if fields.get("message") is None:
+            budget, scope, limit = fields["budget"], fields["scope"], fields["limit"]
+            if fields["unit"] == "repeats":
+                fields["message"] = (
+                    f"run {scope!r} ends: tool {tool!r} was called {int(limit):,} times with the "
+                    f"same arguments (budget {budget!r}); the agent is looping. Change the "
+                    f"prompt or the tool, or raise 'repeats' in the policy"
+                )
+            else:
+                fields["message"] = (
+                    f"run {scope!r} ends: it has run {fields['spent']:,.1f} s and budget "
+                    f"{budget!r} allows {limit:,g} s. Raise 'seconds' in the policy to let "
+                    f"runs last longer"
+                )
+        super().__init__(**fields)
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready description, with the tool."""
+        return {**super().to_dict(), "tool": self.tool}
 
 
 class RequestTooLarge(BudgetExceeded):

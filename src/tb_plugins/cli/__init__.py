@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tb_plugins.cli import budgets, demo, metrics, report, serve, status, watch
+from tb_plugins.cli import budgets, demo, metrics, replay, report, serve, status, watch
 from tb_plugins.cli.common import config_option, package_version, parse_since
 from tb_plugins.cli.report import by_bare_model
 from tb_plugins.core.scopes import escape_text
@@ -23,7 +23,7 @@ from tb_plugins.errors import TokenBudgetError
 
 __all__ = ["build_parser", "by_bare_model", "main", "package_version", "parse_since"]
 
-COMMANDS = (status, watch, report, budgets, serve, metrics, demo)
+COMMANDS = (status, watch, report, replay, budgets, serve, metrics, demo)
 """The modules whose ``add_parser`` builds the ``tb`` subcommands, in help order."""
 
 

@@ -42,10 +42,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     Models are grouped by their bare name: ``openai/gpt-4o`` and ``gpt-4o`` are one row. The
     table fits 80 columns, large counts rounded (``1.2M``) and a name too long for its row
     on its own line above it; ``--json`` and ``--csv`` carry every field exactly, ``tokens``
-    (input + output) and ``allowed`` (neither clamped nor downgraded) too."""
+    (input + output) and ``allowed`` (neither clamped nor downgraded) too.
+
+    ``--shadow`` counts instead what enforcement would have done with the calls let through by
+    budgets in ``mode: shadow``: ``shadow`` calls with a verdict, of which enforcement would
+    have allowed, clamped, downgraded and denied so many, and what the would-be denials spent
+    (``deny tok``, ``deny usd``)."""
     guard = open_guard(args)
     since = parse_since(args.since) if args.since else None
     until = parse_since(args.until) if args.until else None
+    if args.shadow:
+        return _report_shadow(args, guard, since, until)
     try:
         rows = guard.usage(since=since, until=until, group_by=args.by, scope=args.scope)
     finally:
@@ -58,15 +65,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         [
             [
                 r.key,
-                _count(r.requests),
-                _count(r.input_tokens),
-                _count(r.output_tokens),
-                _count(r.cached_input_tokens),
-                _usd(r.usd),
-                _usd(r.usd_per_request),
-                _count(r.clamped),
-                _count(r.downgraded),
-                _count(r.denied),
+                count_text(r.requests),
+                count_text(r.input_tokens),
+                count_text(r.output_tokens),
+                count_text(r.cached_input_tokens),
+                usd_text(r.usd),
+                usd_text(r.usd_per_request),
+                count_text(r.clamped),
+                count_text(r.downgraded),
+                count_text(r.denied),
             ]
             for r in rows
         ],
@@ -82,6 +89,42 @@ decisions other than allow (``down``: downgraded)."""
 
 REPORT_WIDTH = 80
 """The widest line of the ``tb report`` table."""
+
+SHADOW_HEADERS = ("reqs", "shadow", "allow", "clamp", "down", "deny", "deny tok", "deny usd")
+"""The ``tb report --shadow`` table's columns after the key: calls that ran, those with a
+shadow verdict, what enforcement would have done with them, and what the would-be denials
+spent."""
+
+
+def _report_shadow(
+    args: argparse.Namespace, guard: Any, since: float | None, until: float | None
+) -> int:
+    from tb_plugins.engine.shadow import shadow_rows
+    from tb_plugins.engine.usage_log import iter_records
+
+    try:
+        records = iter_records(guard.ledger, since=since, until=until)
+        if args.scope is not None:
+            records = (r for r in records if args.scope in r.scopes)
+        rows = shadow_rows(records, args.by)
+    finally:
+        guard.ledger.close()
+    emit(
+        args,
+        [args.by, *SHADOW_HEADERS],
+        [
+            [
+                r.key,
+                *(count_text(n) for n in (r.requests, r.shadowed, r.would_allow, r.would_clamp)),
+                *(count_text(n) for n in (r.would_downgrade, r.would_deny, r.would_deny_tokens)),
+                usd_text(r.would_deny_usd),
+            ]
+            for r in rows
+        ],
+        [r.to_dict(args.by) for r in rows],
+        width=REPORT_WIDTH,
+    )
+    return 0
 
 
 def report_record(row: UsageRow, key: str = "key") -> dict[str, Any]:
@@ -104,7 +147,7 @@ def report_record(row: UsageRow, key: str = "key") -> dict[str, Any]:
     }
 
 
-def _count(n: int) -> str:
+def count_text(n: int) -> str:
     """A count in at most five characters: ``9,999``, then ``12.3k``, ``456k``, ``1.2M``."""
     if n < 10_000:
         return f"{n:,}"
@@ -115,17 +158,20 @@ def _count(n: int) -> str:
     return f"{n / 1e15:.0f}P"  # 2**63 is 9223P
 
 
-def _usd(x: float) -> str:
-    """Dollars in at most seven characters: ``$0.0048``, ``$12.34``, ``$1,234``, ``$56.7k``."""
+def usd_text(x: float) -> str:
+    """Dollars in at most seven characters: ``$0.0048``, ``$12.34``, ``$1,234``, ``$56.7k``
+    (a negative amount, e.g. a saving that is an extra cost, one more: ``-$1.20``)."""
     if x == 0:
         return "$0"
+    if x < 0:
+        return "-" + usd_text(-x)
     if x < 1:
         return f"${x:.4f}"
     if x < 100:
         return f"${x:.2f}"
     if x < 10_000:
         return f"${x:,.0f}"
-    return "$" + _count(round(x))
+    return "$" + count_text(round(x))
 
 
 def by_bare_model(rows: Sequence[UsageRow]) -> list[UsageRow]:
@@ -199,6 +245,11 @@ def add_parser(sub: Any) -> None:
         help="group by scope, model, day, or the scopes of one kind (default: scope)",
     )
     p.add_argument("--scope", help="only calls charged to this scope")
+    p.add_argument(
+        "--shadow",
+        action="store_true",
+        help="what enforcement would have done with calls let through in mode: shadow",
+    )
     config_option(p, after_command=True)
     output_options(p)
     p.set_defaults(func=cmd_report)

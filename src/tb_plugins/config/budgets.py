@@ -1,13 +1,18 @@
 """One entry of ``budgets:`` (written out or as ``limit: 200k tokens/day``) and the
-:class:`~tb_plugins.core.budgets.Budget` the guard compiles it into."""
+:class:`~tb_plugins.core.budgets.Budget` the guard compiles it into.
+
+Besides the ledger's units an entry may set the agent limits the guard keeps in memory
+(:mod:`tb_plugins.engine.agents`): ``tool_calls`` (with ``tool: NAME`` to count one tool) on
+``run:``, ``session:`` and ``agent:`` scopes, ``repeats`` and ``seconds`` on ``run:`` scopes.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from tb_plugins.config.fields import (
     Dollars,
@@ -21,11 +26,26 @@ from tb_plugins.core.budgets import Budget
 from tb_plugins.core.quantities import parse_quantity, parse_usd, short_repr
 from tb_plugins.core.scopes import escape_text, normalize_scope
 from tb_plugins.core.usage import NO_LIMITS, UNIT_INDEX, usd_to_nano
-from tb_plugins.core.windows import parse_window
+from tb_plugins.core.windows import parse_duration, parse_window
 
-__all__ = ["BudgetSpec", "compile_budget"]
+__all__ = ["AGENT_UNITS", "MAX_TOOL_NAME", "BudgetSpec", "compile_budget"]
 
 _MAX_ONE_LINE = 200
+AGENT_UNITS = ("tool_calls", "repeats", "seconds")
+"""Limits kept in memory per process (:mod:`tb_plugins.engine.agents`), not in the ledger."""
+MAX_TOOL_NAME = 256
+"""Longest tool name a budget's ``tool`` may give."""
+_ONE_LINE_UNITS = (*UNIT_INDEX, "tool_calls")
+_RUN_ONLY = ("run:",)
+_TOOL_SCOPES = ("run:", "session:", "agent:")
+
+
+def _seconds(value: Any) -> float:
+    return parse_duration(value)
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds)]
+"""A duration: ``90``, ``"90s"``, ``"10m"``, ``"1h30m"``; positive, at most 3650 days."""
 _ONE_LINE = re.compile(
     r"^\s*(?P<amount>\$?[\d_.,]+(?:\s*[kmbgKMBG](?![a-z]))?)\s*(?P<unit>[a-z_]+)?\s*/\s*(?P<window>\S+)\s*$"
 )
@@ -41,6 +61,13 @@ class BudgetSpec(_Strict):
     :data:`~tb_plugins.core.usage.MAX_LIMIT_USD` ($1,000,000,000); a rolling window is at most
     :data:`~tb_plugins.core.windows.MAX_ROLLING` (366 days); ``alerts`` and ``downgrade_at`` are
     fractions in (0, 1].
+
+    Agent limits, counted in memory (see :mod:`tb_plugins.engine.agents`): ``tool_calls``
+    (at most 10**15; on ``run:``, ``session:`` and ``agent:`` scopes; over ``total`` or a
+    calendar window, not a rolling one), ``tool`` (the one tool ``tool_calls`` counts; only
+    with ``tool_calls`` and no other limit), ``repeats`` (2 to 10**15; ``run:`` scopes) and
+    ``seconds`` (a duration; ``run:`` scopes). A budget of agent limits only may leave out
+    ``window`` (it is ``total``); ``repeats`` and ``seconds`` count per run whatever the window.
     """
 
     scope: str
@@ -56,6 +83,11 @@ class BudgetSpec(_Strict):
     alerts: list[float] = Field(default_factory=list)
     downgrade_at: Fraction | None = None
     forecast_alert: bool = True
+    mode: Literal["enforce", "shadow"] | None = None  # None: the policy's mode
+    tool_calls: Quantity | None = None
+    tool: str | None = None
+    repeats: Quantity | None = None
+    seconds: Seconds | None = None
 
     @field_validator("scope")
     @classmethod
@@ -68,6 +100,18 @@ class BudgetSpec(_Strict):
         if v is not None and escape_text(v) != v:
             raise ValueError(
                 f"budget name {v!r} contains a control character; names are printable text"
+            )
+        return v
+
+    @field_validator("tool")
+    @classmethod
+    def _tool(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip() or escape_text(v) != v or len(v) > MAX_TOOL_NAME:
+            raise ValueError(
+                f"expected a tool's name (printable text, 1 to {MAX_TOOL_NAME} characters), "
+                f"got {short_repr(v)}"
             )
         return v
 
@@ -94,7 +138,11 @@ class BudgetSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _expand_limit(cls, data: Any) -> Any:
-        if not isinstance(data, Mapping) or data.get("limit") is None:
+        if not isinstance(data, Mapping):
+            return data
+        if data.get("limit") is None:
+            if not data.get("window") and _agent_only(data):
+                return {**data, "window": "total"}  # per run or per process: no window needed
             return data
         text = data["limit"]
         if not isinstance(text, str):
@@ -119,10 +167,10 @@ class BudgetSpec(_Strict):
             if unit not in (None, "usd"):
                 raise ValueError(f"field 'limit': '$' goes with usd, not {unit!r}, in {text!r}")
             unit = "usd"
-        if unit is None or unit not in UNIT_INDEX:
+        if unit is None or unit not in _ONE_LINE_UNITS:
             raise ValueError(
                 f"field 'limit': unknown unit {unit!r} in {text!r}; "
-                f"use one of {', '.join(UNIT_INDEX)}"
+                f"use one of {', '.join(_ONE_LINE_UNITS)}"
             )
         if unit in out:
             raise ValueError(f"field 'limit': {unit!r} is given twice (also in 'limit')")
@@ -144,25 +192,63 @@ class BudgetSpec(_Strict):
                 "field 'window' is required: minute, hour, day, week, month, total or rolling:<d>"
             )
         try:
-            parse_window(self.window)
+            window = parse_window(self.window)
         except ValueError as exc:
             raise ValueError(f"field 'window': {exc}") from None
-        if all(getattr(self, u) is None for u in UNIT_INDEX):
+        if self.tool is not None and self.tool_calls is None:
+            raise ValueError(
+                "field 'tool': it names the one tool a 'tool_calls' limit counts; "
+                "set tool_calls too"
+            )
+        if all(getattr(self, u) is None for u in (*UNIT_INDEX, *AGENT_UNITS)):
             raise ValueError(
                 "no limit given: set at least one of tokens, input_tokens, output_tokens, usd, "
-                "requests, calls"
+                "requests, calls, tool_calls, repeats, seconds"
             )
         if self.calls is not None and not self.scope.startswith(("run:", "session:")):
             raise ValueError(
                 "field 'calls': the calls limit applies to 'run:' and 'session:' scopes"
             )
+        self._check_agent_limits(window.kind)
         return self
+
+    def _check_agent_limits(self, window_kind: str) -> None:
+        for unit in ("repeats", "seconds"):
+            if getattr(self, unit) is not None and not self.scope.startswith(_RUN_ONLY):
+                raise ValueError(
+                    f"field {unit!r}: {unit} counts within one run; it applies to 'run:' "
+                    f"scopes (e.g. 'run:*'), not to {self.scope!r}"
+                )
+        if self.repeats is not None and self.repeats < 2:
+            raise ValueError(
+                f"field 'repeats': must be at least 2 (the N-th identical tool call ends the "
+                f"run, so {self.repeats} would end it at the first), got {self.repeats}"
+            )
+        if self.tool_calls is not None:
+            if not self.scope.startswith(_TOOL_SCOPES):
+                raise ValueError(
+                    f"field 'tool_calls': the tool_calls limit applies to 'run:', 'session:' and "
+                    f"'agent:' scopes, not to {self.scope!r}"
+                )
+            if window_kind == "rolling":
+                raise ValueError(
+                    f"field 'window': tool_calls are counted in memory over 'total' or a calendar "
+                    f"window (minute ... month), not {self.window!r}"
+                )
+        if self.tool is not None:
+            units = (*UNIT_INDEX, "repeats", "seconds")
+            others = [u for u in units if getattr(self, u) is not None]
+            if others:
+                raise ValueError(
+                    f"field 'tool': a budget for one tool limits tool_calls only; put "
+                    f"{', '.join(others)} in an entry of its own"
+                )
 
 
 def compile_budget(index: int, spec: BudgetSpec) -> Budget:
     """One policy entry as the guard uses it (limits as an integer vector, window parsed)."""
     limits = list(NO_LIMITS)
-    parts = []
+    parts: list[str] = []
     for unit, i in UNIT_INDEX.items():
         value = getattr(spec, unit)
         if value is None:
@@ -173,6 +259,12 @@ def compile_budget(index: int, spec: BudgetSpec) -> Budget:
         else:
             limits[i] = int(value)
             parts.append(f"{int(value):,} {unit}")
+    if spec.tool_calls is not None:
+        parts.append(f"{spec.tool_calls:,} tool_calls" + (f" of {spec.tool}" if spec.tool else ""))
+    if spec.repeats is not None:
+        parts.append(f"{spec.repeats:,} repeats")
+    if spec.seconds is not None:
+        parts.append(f"{spec.seconds:g} seconds")
     window = parse_window(spec.window)
     name = spec.name or f"{spec.scope} {' + '.join(parts)}/{window.spec}"
     return Budget(
@@ -184,4 +276,16 @@ def compile_budget(index: int, spec: BudgetSpec) -> Budget:
         alerts=tuple(spec.alerts),
         downgrade_at=spec.downgrade_at,
         forecast_alert=spec.forecast_alert,
+        tool_calls=spec.tool_calls,
+        tool=spec.tool,
+        repeats=spec.repeats,
+        seconds=spec.seconds,
+        shadow=spec.mode == "shadow",
+    )
+
+
+def _agent_only(data: Mapping[str, Any]) -> bool:
+    """Whether an entry sets agent limits and no ledger unit."""
+    return any(data.get(u) is not None for u in (*AGENT_UNITS, "tool")) and all(
+        data.get(u) is None for u in UNIT_INDEX
     )

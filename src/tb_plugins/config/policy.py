@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,15 @@ class RequestCaps(_Strict):
 
     max_input_tokens: CallTokens | None = None
     max_output_tokens: CallTokens | None = None
+
+
+class EstimateSpec(_Strict):
+    """``estimate:``: how a call's input side is estimated. ``input: exact`` counts every
+    prompt with the tokenizer; ``input: bound_first`` starts from an upper bound that encodes
+    nothing and counts exactly only where the count could change the decision (see
+    :mod:`tb_plugins.counting.bound`)."""
+
+    input: Literal["bound_first", "exact"] = "exact"
 
 
 class PriceSpec(_Strict):
@@ -107,11 +117,15 @@ class Policy(_Strict):
     ``ledger_timeout`` is at most :data:`MAX_LEDGER_TIMEOUT` (60 s), ``reservation_ttl`` at most
     :data:`MAX_RESERVATION_TTL` (7 days); ``default_output_tokens`` and ``min_output_tokens`` are
     at most :data:`~tb_plugins.core.usage.MAX_CALL_TOKENS` (10**9).
+
+    ``mode: shadow`` decides every call and records what enforcement would have done, without
+    enforcing the budgets or the ``request`` caps (a budget's own ``mode`` wins over this one).
     """
 
     ledger: str = "sqlite:///tb_ledger.db"
     timezone: str = "UTC"
     on_ledger_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    mode: Literal["enforce", "shadow"] = "enforce"
     ledger_timeout: Timeout = 2.0
     default_output_tokens: CallTokens = 1024
     min_output_tokens: CallTokens = 16
@@ -120,6 +134,7 @@ class Policy(_Strict):
     unpriced: Literal["deny", "count_tokens_only"] | UsePrice = "count_tokens_only"
     downgrade: dict[str, str] = Field(default_factory=dict)
     request: RequestCaps = Field(default_factory=RequestCaps)
+    estimate: EstimateSpec = Field(default_factory=EstimateSpec)
     prices: dict[str, PriceSpec] = Field(default_factory=dict)
     budgets: list[BudgetSpec] = Field(default_factory=list)
     alerts: list[AlertSinkSpec] = Field(default_factory=lambda: [AlertSinkSpec(log="warning")])
@@ -185,7 +200,13 @@ class Policy(_Strict):
 
     def compiled_budgets(self) -> list[Budget]:
         """The budgets as the guard uses them (limits as integer vectors, windows parsed)."""
-        return [compile_budget(i, spec) for i, spec in enumerate(self.budgets)]
+        budgets = [compile_budget(i, spec) for i, spec in enumerate(self.budgets)]
+        if self.mode == "shadow":  # the default of every budget that sets no mode of its own
+            budgets = [
+                dataclasses.replace(b, shadow=True) if spec.mode is None else b
+                for b, spec in zip(budgets, self.budgets, strict=True)
+            ]
+        return budgets
 
 
 def load_policy_dict(data: Any, *, source: str = "<policy>") -> Policy:

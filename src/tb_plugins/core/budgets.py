@@ -1,4 +1,5 @@
-"""A budget as the guard uses it: a scope pattern, a window and six integer limits.
+"""A budget as the guard uses it: a scope pattern, a window, six integer limits kept in the
+ledger, and the agent limits kept in memory (``tool_calls``, ``repeats``, ``seconds``).
 
 The policy file (:mod:`tb_plugins.config`) compiles each ``budgets:`` entry into one.
 """
@@ -31,6 +32,16 @@ class Budget:
         override: True for a runtime override (``tb budgets set``): for the units it limits
             it replaces the file's budgets of its window (see
             :mod:`tb_plugins.engine.overrides`).
+        tool_calls: tool calls allowed per scope and window (of ``tool`` only, if set).
+        tool: the one tool ``tool_calls`` counts (None: every tool).
+        repeats: a ``run:`` budget: the N-th call of one tool with the same arguments ends
+            the run.
+        seconds: a ``run:`` budget: wall-clock seconds a run may last.
+        shadow: ``mode: shadow``: charged and decided, not enforced (see
+            :mod:`tb_plugins.core.ladder`).
+
+    The agent limits are counted in memory by :mod:`tb_plugins.engine.agents`, not in the
+    ledger; a budget with only those has no ledger limit (:attr:`in_ledger` is False).
     """
 
     index: int
@@ -42,6 +53,21 @@ class Budget:
     downgrade_at: float | None
     override: bool = False
     forecast_alert: bool = True
+    tool_calls: int | None = None
+    tool: str | None = None
+    repeats: int | None = None
+    seconds: float | None = None
+    shadow: bool = False
+
+    @property
+    def in_ledger(self) -> bool:
+        """True when it limits a unit the ledger counts (tokens, usd, requests, calls...)."""
+        return any(lim is not None for lim in self.limits)
+
+    @property
+    def limits_agents(self) -> bool:
+        """True when it sets ``tool_calls``, ``repeats`` or ``seconds``."""
+        return self.tool_calls is not None or self.repeats is not None or self.seconds is not None
 
     @property
     def is_pattern(self) -> bool:

@@ -56,6 +56,10 @@ class LinePlan:
     """A ledger line plus the budgets that set its limits (for messages and alerts).
 
     ``limit_names[u]`` names the budget whose limit on unit ``u`` is the tightest.
+
+    A line with budgets in ``mode: shadow`` is reserved with their limits lifted (see
+    :data:`~tb_plugins.core.ladder.LIFTED`); ``shadow`` is then the same line with every limit
+    in force, on which :func:`~tb_plugins.core.ladder.decide` finds what enforcement would do.
     """
 
     line: Line
@@ -64,6 +68,7 @@ class LinePlan:
     resets_at: float | None
     alerts: bool = False  # some budget of the line has alert thresholds
     downgrades: bool = False  # some budget of the line has a downgrade_at fraction
+    shadow: LinePlan | None = None  # the line with its shadow budgets' limits in force
 
     @classmethod
     def of(
@@ -96,6 +101,7 @@ class Plan:
     output_nano_per_token: float
     priced: bool
     exact: bool
+    bound: bool = False  # input_tokens is an upper bound, not a count (bound-first estimates)
 
     def usd_nano(self, output_tokens: int | None = None) -> int:
         """Estimated cost, rounded up, of this plan with ``output_tokens`` of output."""
@@ -209,10 +215,11 @@ def utilization(budget: Budget, state: LineState, *, include_held: bool = True) 
 
 
 def downgrade_due(lines: Sequence[LinePlan], states: Sequence[LineState]) -> Budget | None:
-    """The first budget already past its ``downgrade_at`` fraction, if any."""
+    """The first enforced budget already past its ``downgrade_at`` fraction, if any (a
+    budget in ``mode: shadow`` only records it: see :func:`~tb_plugins.core.ladder.decide`)."""
     for lp, st in zip(lines, states, strict=True):
         for b in lp.budgets:
-            if b.downgrade_at is not None and utilization(b, st) >= b.downgrade_at:
+            if b.downgrade_at is not None and not b.shadow and utilization(b, st) >= b.downgrade_at:
                 return b
     return None
 

@@ -7,7 +7,9 @@ One module per concept: :mod:`~tb_plugins.engine.guard` (the public API and its 
 :mod:`~tb_plugins.engine.planning` (scope paths and ledger lines),
 :mod:`~tb_plugins.engine.clock` (the shared ledger's clock), :mod:`~tb_plugins.engine.writeback`
 (spend kept while the ledger is down), :mod:`~tb_plugins.engine.decision` (the values) and
-:mod:`~tb_plugins.engine.alerts` (alert sinks).
+:mod:`~tb_plugins.engine.alerts` (alert sinks); :mod:`~tb_plugins.engine.shadow` (what
+budgets in ``mode: shadow`` would have done) and :mod:`~tb_plugins.engine.replay` (a usage
+log run through another policy, in memory).
 """
 
 from tb_plugins.engine.decision import BudgetStatus, Charge, Decision, Estimate, new_reservation_id

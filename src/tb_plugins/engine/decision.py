@@ -12,6 +12,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from tb_plugins.core.policy import LinePlan, Plan
+from tb_plugins.core.request import Request
 from tb_plugins.core.usage import (
     CALLS,
     INPUT_TOKENS,
@@ -34,6 +35,7 @@ __all__ = [
     "Decision",
     "Estimate",
     "FORECAST_TRAILING_SECONDS",
+    "Shadow",
     "forecast_queries",
     "new_reservation_id",
     "statuses",
@@ -66,7 +68,12 @@ def new_reservation_id() -> str:
 
 @dataclass(frozen=True)
 class Estimate:
-    """What a call is expected to use: the amounts held by its reservation."""
+    """What a call is expected to use: the amounts held by its reservation.
+
+    ``exact`` is True when the input side was counted with the model's own tokenizer (or
+    given); False for an approximation, or for the upper bound of bound-first estimates
+    (``estimate: {input: bound_first}``), which a call far from its limits is admitted on.
+    """
 
     input_tokens: int
     output_tokens: int
@@ -77,6 +84,80 @@ class Estimate:
     def tokens(self) -> int:
         """Input plus output tokens."""
         return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """What enforcement would have done with a call that budgets in ``mode: shadow`` let
+    through unchanged (:attr:`Decision.shadow`; its usage row keeps it under
+    ``extra["shadow"]``, see :meth:`to_dict`).
+
+    Attributes:
+        action: ``allow``, ``clamp``, ``downgrade`` or ``deny``.
+        model: the model enforcement would have run.
+        max_tokens: the output cap it would have sent.
+        reasons: why, in words.
+        budget: the name of the budget that caused a clamp, downgrade or deny (or
+            ``request.max_input_tokens``), None for an allow.
+        scope: the scope of that budget's line (``request`` for a per-request cap).
+        unit: the unit that bound (``tokens``, ``usd``, ...), if one did.
+        input_tokens: the input tokens the call was estimated at.
+        asked_max_tokens: the output cap the call asked for (None: none set).
+    """
+
+    action: str
+    model: str
+    max_tokens: int | None
+    reasons: tuple[str, ...] = ()
+    budget: str | None = None
+    scope: str | None = None
+    unit: str | None = None
+    input_tokens: int = 0
+    asked_max_tokens: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON a usage row keeps (:func:`from_dict` reads it back)."""
+        return {
+            "action": self.action,
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "budget": self.budget,
+            "scope": self.scope,
+            "unit": self.unit,
+            "reasons": list(self.reasons),
+            "request": {"input_tokens": self.input_tokens, "max_tokens": self.asked_max_tokens},
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> Shadow | None:
+        """A verdict from a usage row's ``extra["shadow"]`` (None if it is not one)."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("action"), str):
+            return None
+        request = data.get("request")
+        request = request if isinstance(request, Mapping) else {}
+        asked = request.get("max_tokens")
+        reasons = data.get("reasons")
+        return cls(
+            action=data["action"],
+            model=str(data.get("model") or ""),
+            max_tokens=_count_or_none(data.get("max_tokens")),
+            reasons=tuple(str(r) for r in reasons) if isinstance(reasons, list) else (),
+            budget=_text_or_none(data.get("budget")),
+            scope=_text_or_none(data.get("scope")),
+            unit=_text_or_none(data.get("unit")),
+            input_tokens=_count_or_none(request.get("input_tokens")) or 0,
+            asked_max_tokens=_count_or_none(asked),
+        )
+
+
+def _count_or_none(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 @dataclass(frozen=True)
@@ -95,6 +176,9 @@ class Decision:
         reasons: why the action differs from the request, in words.
         remaining: the least left of each limited unit over the path, after this hold.
         local: True when admitted under ``fail_open`` without a ledger hold.
+        shadow: with budgets (or the policy) in ``mode: shadow``, what enforcement would have
+            done (None otherwise); ``action``, ``model`` and ``max_tokens`` are then what
+            the enforced budgets decided.
     """
 
     action: Action
@@ -112,6 +196,8 @@ class Decision:
     lines: tuple[LinePlan, ...] = field(default=(), repr=False)
     plan: Plan | None = field(default=None, repr=False)
     issuer: str = field(default="", repr=False, compare=False)
+    shadow: Shadow | None = None
+    request: Request | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

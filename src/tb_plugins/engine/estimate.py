@@ -70,9 +70,15 @@ class Estimator:
             self._tokenizer = default_counter()
         return self._tokenizer
 
-    def plan(self, request: Request, model: str | None = None) -> tuple[Plan, list[str]]:
+    def plan(
+        self, request: Request, model: str | None = None, *, bound: bool = False
+    ) -> tuple[Plan, list[str]]:
         """The estimate of ``request`` if ``model`` (default: the one asked for) runs it, and
         the reasons the request was changed (an output cap above the per-request cap).
+
+        With ``bound``, the input side is an upper bound that encodes nothing
+        (``plan.bound``; see :mod:`tb_plugins.counting.bound`) when the tokenizer offers one
+        and no ``input_tokens`` were given; else it is counted.
 
         Raises:
             TypeError, ValueError: a bad model name, ``max_tokens`` or ``input_tokens``, or
@@ -87,11 +93,23 @@ class Estimator:
             check_count("max_tokens", max_tokens)
         input_tokens = request.input_tokens
         exact = True
+        is_bound = False
         if input_tokens is not None:
             check_count("input_tokens", input_tokens)
         else:
             tokenizer = self.tokenizer
-            if request.messages is not None:
+            bounds = bound and hasattr(tokenizer, "bound_messages")
+            if bounds and request.messages is not None:
+                input_tokens = tokenizer.bound_messages(  # type: ignore[attr-defined]
+                    model, request.messages, request.tools
+                )
+                is_bound = True
+            elif bounds and request.prompt is not None:
+                prompt = request.prompt
+                texts = [prompt] if isinstance(prompt, str) else list(prompt)
+                input_tokens = sum(tokenizer.bound_text(model, t) for t in texts)  # type: ignore[attr-defined]
+                is_bound = True
+            elif request.messages is not None:
                 input_tokens = tokenizer.count_messages(model, request.messages, request.tools)
             elif request.prompt is not None:
                 prompt = request.prompt
@@ -100,8 +118,10 @@ class Estimator:
             else:
                 raise ValueError("check() needs messages, prompt or input_tokens")
             if input_tokens > MAX_CALL_TOKENS:
+                if is_bound:  # a bound past the maximum says nothing: count
+                    return self.plan(request, model)
                 check_count("the request's input tokens", input_tokens)
-            exact = tokenizer.is_exact(model)
+            exact = False if is_bound else tokenizer.is_exact(model)
         caps = self.policy.request
         out = self.policy.default_output_tokens if max_tokens is None else max_tokens
         applied = max_tokens
@@ -121,6 +141,7 @@ class Estimator:
             output_nano_per_token=(price.output_per_token * NANO) if price else 0.0,
             priced=priced,
             exact=exact,
+            bound=is_bound,
         )
         return plan, reasons
 

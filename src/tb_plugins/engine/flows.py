@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tb_plugins.core.ladder import full_view
 from tb_plugins.core.policy import (
     LinePlan,
     Plan,
@@ -38,11 +39,13 @@ from tb_plugins.engine.decision import (
     Charge,
     Decision,
     Estimate,
+    Shadow,
     new_reservation_id,
 )
 from tb_plugins.engine.drivers import Flow, quiet
 from tb_plugins.engine.estimate import Estimator, with_output
 from tb_plugins.engine.planning import LinePlanner
+from tb_plugins.engine.shadow import as_asked, shadow_verdict
 from tb_plugins.engine.writeback import Pending, WriteBack
 from tb_plugins.errors import (
     BudgetRefused,
@@ -74,6 +77,7 @@ class _Call:
     model: str
     now: float
     lines: tuple[LinePlan, ...] = ()
+    request: Request | None = None  # kept when the estimate is a bound (settle may count)
 
 
 class Flows(AlertFlows):
@@ -104,27 +108,36 @@ class Flows(AlertFlows):
         rid = request.reservation_id or new_reservation_id()
         model = request.model
         call = _Call(rid, path, model, now)
-        plan, reasons = self.estimator.plan(request)
+        shadow_all = self.policy.mode == "shadow"  # the request caps are not enforced either
+        # Bound first: an upper bound of the input, counted exactly below wherever the count
+        # could change the decision (a request cap, a refusal); an allow it leaves stands.
+        bound = self.policy.estimate.input == "bound_first" and not shadow_all
+        plan, reasons = self.estimator.plan(request, bound=bound)
+        if shadow_all:
+            plan, reasons = as_asked(plan, request, self.policy.default_output_tokens), []
         action: Action = "clamp" if reasons else "allow"
         caps = self.policy.request
-        if caps.max_input_tokens is not None and plan.input_tokens > caps.max_input_tokens:
+        limit = None if shadow_all else caps.max_input_tokens
+        if limit is not None and plan.bound and plan.input_tokens > limit:
+            plan, reasons = self.estimator.plan(request)  # the cap is on the exact count
+        if limit is not None and plan.input_tokens > limit:
             too_large = RequestTooLarge(
                 scope="request",
                 budget="request.max_input_tokens",
                 unit="input_tokens",
                 spent=0,
-                limit=caps.max_input_tokens,
+                limit=limit,
                 requested=plan.input_tokens,
                 resets_at=None,
                 message=(
                     f"the request has {plan.input_tokens:,} input tokens, above the "
-                    f"per-request cap of {caps.max_input_tokens:,} (request.max_input_tokens)"
+                    f"per-request cap of {limit:,} (request.max_input_tokens)"
                 ),
             )
             yield from self._record_deny(call, too_large)
             raise too_large
         lines = self.planner.lines(path, now)
-        call = _Call(rid, path, model, now, lines)
+        call = _Call(rid, path, model, now, lines, request if plan.bound else None)
         expires_at = now + self.policy.reservation_ttl
         cheaper = self.estimator.downgrade_model(model) if request.adjust else None
         # A line known to be past downgrade_at starts the ladder on the cheaper model.
@@ -175,7 +188,13 @@ class Flows(AlertFlows):
                     continue
                 if due is not None and hinted:
                     reasons = [_past(due) if r == _HINT else r for r in reasons]
-                return self._decision(call, plan, action, reasons, states)
+                shadow = None
+                if self.planner.shadow or shadow_all:  # what enforcing them all would do
+                    shadow = shadow_verdict(self.estimator, self.policy, request, lines, states)
+                return self._decision(call, plan, action, reasons, states, shadow=shadow)
+            if plan.bound:  # the exact count may fit where the bound did not: decide on it
+                plan, reasons = self.estimator.plan(request)
+                continue
             # Refused: read what is left and step down the ladder.
             best, hard = max_output_that_fits(plan, lines, states)
             min_out = self.policy.min_output_tokens
@@ -212,6 +231,18 @@ class Flows(AlertFlows):
         yield from self._exhausted_alert(call.lines, call.now, err)
         raise err
 
+    def _input_of(self, decision: Decision) -> int:
+        """The input tokens to charge a call that reported no usage: its estimate, counted
+        exactly now if the check used a bound (off the hot path: such calls are rare)."""
+        plan = decision.plan
+        assert plan is not None
+        if plan.bound and decision.request is not None:
+            try:
+                return self.estimator.plan(decision.request, plan.model)[0].input_tokens
+            except Exception:  # the bound is still an estimate never below the count
+                logger.exception("tb_plugins: counting a call's input at settle failed")
+        return plan.input_tokens
+
     def _replan(self, request: Request, model: str, why: str) -> tuple[Plan, list[str]]:
         """The original request estimated for the cheaper model (its tokenizer, its price)."""
         plan, reasons = self.estimator.plan(request, model)
@@ -225,8 +256,11 @@ class Flows(AlertFlows):
         reasons: list[str],
         states: Sequence[LineState],
         local: bool = False,
+        shadow: Shadow | None = None,
     ) -> Decision:
         now = call.now
+        # A shadow budget's limits are lifted on its line: what is left is read on the view.
+        lines = call.lines if shadow is None else full_view(call.lines)
         d = Decision(
             action=action,
             model=plan.model,
@@ -241,13 +275,15 @@ class Flows(AlertFlows):
             ),
             scopes=call.path,
             reasons=tuple(reasons),
-            remaining=remaining(call.lines, states, plan.amounts()) if states else {},
+            remaining=remaining(lines, states, plan.amounts()) if states else {},
             local=local,
             created_at=now,
             expires_at=now + self.policy.reservation_ttl,
             lines=call.lines,
+            request=call.request,
             plan=plan,
             issuer=self._issuer,
+            shadow=shadow,
         )
         if self.listeners:
             self._emit("decision", {"decision": d})
@@ -305,11 +341,16 @@ class Flows(AlertFlows):
             raise TypeError(f"settle() takes a tb_plugins.Usage, got {usage!r}")
         estimated = usage is None
         if usage is None:
-            usage = Usage(plan.input_tokens, plan.output_tokens, model=decision.model)
+            usage = Usage(self._input_of(decision), plan.output_tokens, model=decision.model)
         served = usage.model or decision.model
         if not served.isprintable():  # a provider's odd name is stored escaped, not refused
             served = escape_text(served)
         usd = self.estimator.cost(usage, served, decision.model)
+        extra: dict[str, Any] = {}
+        if usage.reasoning_tokens:
+            extra["reasoning_tokens"] = usage.reasoning_tokens
+        if decision.shadow is not None:  # what enforcement would have done, for reports
+            extra["shadow"] = decision.shadow.to_dict()
         charged = amounts(
             usage.input_tokens, usage.output_tokens, usd_to_nano(usd) if usd is not None else 0
         )
@@ -326,7 +367,7 @@ class Flows(AlertFlows):
             usd=usd or 0.0,
             priced=usd is not None,
             estimated=estimated,
-            extra={"reasoning_tokens": usage.reasoning_tokens} if usage.reasoning_tokens else {},
+            extra=extra,
         )
         line_list = [self.planner.settle_line(lp, now) for lp in decision.lines]
         # Only lines with alert thresholds are read back after the settle.

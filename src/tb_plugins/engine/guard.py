@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,9 +34,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from tb_plugins.core.pricing import PriceTable
 from tb_plugins.core.request import Request
 from tb_plugins.core.scopes import KNOWN_KINDS
-from tb_plugins.core.urls import redact_url
 from tb_plugins.core.usage import Usage, UsageRecord, UsageRow
 from tb_plugins.core.windows import Clock, system_clock
+from tb_plugins.engine.agents import AgentChecks
 from tb_plugins.engine.alerts import AlertSink, LogSink, SlackSink, WebhookSink
 from tb_plugins.engine.clock import LedgerClock
 from tb_plugins.engine.decision import (
@@ -53,11 +52,10 @@ from tb_plugins.engine.estimate import Estimator
 from tb_plugins.engine.flows import Flows
 from tb_plugins.engine.live import LiveBudgets
 from tb_plugins.engine.writeback import WriteBack
-from tb_plugins.errors import LedgerError, LedgerUnavailable
-from tb_plugins.ledger import Ledger, ledger_from_url
+from tb_plugins.errors import LedgerUnavailable
+from tb_plugins.ledger import Ledger
 from tb_plugins.ledger.base import GroupBy
-from tb_plugins.ledger.deferred import DeferredLedger
-from tb_plugins.warnings import FailOpenWarning
+from tb_plugins.ledger.deferred import open_ledger
 
 if TYPE_CHECKING:  # pydantic loads with the first policy, not with `import tb_plugins`
     from tb_plugins.config import Policy
@@ -76,7 +74,7 @@ logger = logging.getLogger("tb_plugins")
 _SINK_FLUSH_SECONDS = 2.0  # what close() waits, in all, for alert sinks to send their queues
 
 
-class BudgetGuard(Flows, LiveBudgets):
+class BudgetGuard(Flows, LiveBudgets, AgentChecks):
     """Token budgets for every LLM call of a process, backed by a shared ledger.
 
     Args:
@@ -112,13 +110,18 @@ class BudgetGuard(Flows, LiveBudgets):
         alert_sinks: Iterable[AlertSink] = (),
     ) -> None:
         self.policy = policy
-        self.ledger = ledger if ledger is not None else _open_ledger(policy)
+        if ledger is None:
+            closed = policy.on_ledger_error == "fail_closed"
+            ledger = open_ledger(policy.ledger, policy.ledger_timeout, fail_closed=closed)
+        self.ledger = ledger
         self.clock: Clock = clock or system_clock
         self._time = LedgerClock(self.clock, monotonic or clock)  # a test clock moves both
         self._issuer = os.urandom(8).hex()  # marks this guard's decisions
         self.estimator = Estimator(policy, tokenizer, prices)
         self.pricing = self.estimator.pricing
-        self._init_overrides(policy.compiled_budgets())
+        budgets = policy.compiled_budgets()  # agent limits are counted in memory, not the ledger
+        self._init_overrides([b for b in budgets if b.in_ledger])
+        self._init_agents(budgets)
         self._sinks: list[AlertSink] = []
         for spec in policy.alerts:
             if spec.log is not None:
@@ -234,7 +237,8 @@ class BudgetGuard(Flows, LiveBudgets):
             The decision: apply ``decision.model`` and ``decision.max_tokens`` to the call.
 
         Raises:
-            BudgetExceeded: a budget has no room (``LoopLimitExceeded`` for ``calls``).
+            BudgetExceeded: a budget has no room (``LoopLimitExceeded`` for ``calls``; its
+                subclass ``RunLimitExceeded`` for a run past ``seconds`` or ended by ``repeats``).
             RequestTooLarge: the request passes a per-request cap.
             UnpricedModel: no price is known and the policy says ``unpriced: deny``.
             LedgerUnavailable: the ledger is down and the policy says ``fail_closed``.
@@ -275,11 +279,13 @@ class BudgetGuard(Flows, LiveBudgets):
 
     def check_request(self, request: Request) -> Decision:
         """:meth:`check` for a :class:`~tb_plugins.core.request.Request` an integration built."""
+        self.check_run(request.scopes)
         down = self._sync_clock() or self._maybe_flush() or self._maybe_refresh()
         return drive(self.ledger, self._check_flow(request, down))
 
     async def acheck_request(self, request: Request) -> Decision:
         """Async :meth:`check_request`."""
+        self.check_run(request.scopes)
         down = (
             await self._async_sync_clock()
             or await self._amaybe_flush()
@@ -445,31 +451,6 @@ class BudgetGuard(Flows, LiveBudgets):
         if not self.writeback.due(self._time.mono()):
             return None
         return (await adrive(self.ledger, self.writeback.flow(self.now())))[1]
-
-
-def _open_ledger(policy: Policy) -> Ledger:
-    """The policy's ledger, opened now, so that a bad path or a server that refuses shows when
-    the guard is built: under ``fail_closed`` as :class:`LedgerUnavailable`, under
-    ``fail_open`` as a :class:`FailOpenWarning` (the guard then keeps trying to open it)."""
-    url, timeout = policy.ledger, policy.ledger_timeout
-    ledger: Ledger | None = None
-    try:
-        ledger = ledger_from_url(url, timeout=timeout)
-        ledger.records(limit=1)  # opens the file or the connection; cheap on every backend
-        return ledger
-    except LedgerError as exc:
-        problem = f"the ledger {redact_url(url)} cannot be opened ({exc})"
-        if policy.on_ledger_error == "fail_closed":
-            raise LedgerUnavailable(
-                f"{problem}; the policy says on_ledger_error: fail_closed"
-            ) from exc
-        msg = (
-            f"tb_plugins: {problem}; calls are admitted without a budget check (fail_open) "
-            f"and their spend kept until it opens"
-        )
-        logger.error(msg)
-        warnings.warn(msg, FailOpenWarning, stacklevel=4)
-        return ledger if ledger is not None else DeferredLedger(url, exc, timeout=timeout)
 
 
 def _ledger_group(group_by: str) -> GroupBy:

@@ -34,14 +34,15 @@ import math
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from tb_plugins.config import BudgetSpec, compile_budget
-from tb_plugins.config.fields import config_error
 from tb_plugins.core.budgets import Budget
 from tb_plugins.core.scopes import escape_text, normalize_scope
 from tb_plugins.core.windows import parse_window
 from tb_plugins.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tb_plugins.config import BudgetSpec
 
 __all__ = [
     "Action",
@@ -208,6 +209,9 @@ def _window(text: str, source: str) -> str:
 
 
 def _spec(scope: str, limit: str, window: str | None, source: str) -> BudgetSpec:
+    from tb_plugins.config import BudgetSpec  # pydantic: with the first override, not at import
+    from tb_plugins.config.fields import config_error
+
     data: dict[str, Any] = {"scope": scope, "limit": limit}
     if window:
         data["window"] = window
@@ -314,6 +318,8 @@ def compile_overrides(file_budgets: Sequence[Budget], live: Sequence[Override]) 
     """The budgets the guard plans with: the file's, then one per override in force (marked
     ``override=True``), taking ``alerts``/``downgrade_at`` from the file budget of the same
     scope and window, else from the first of that window whose pattern matches the scope."""
+    from tb_plugins.config import BudgetSpec, compile_budget
+
     out = list(file_budgets)
     for i, o in enumerate(live):
         window = [b for b in file_budgets if b.window.spec == o.window]

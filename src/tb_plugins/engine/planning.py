@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
+from tb_plugins.core.ladder import lift
 from tb_plugins.core.policy import LinePlan
 from tb_plugins.core.scopes import normalize_scope
 from tb_plugins.core.usage import UNITS, Limits
@@ -24,7 +25,7 @@ from tb_plugins.ledger.base import Line, line_key
 if TYPE_CHECKING:
     from tb_plugins.core.budgets import Budget
 
-__all__ = ["RUN_IDLE_EXPIRY", "LinePlanner"]
+__all__ = ["RUN_IDLE_EXPIRY", "LinePlanner", "LineTemplate"]
 
 # A run or session is over once it stops calling: its never-resetting counters may be pruned
 # this long after its last charge, so per-run budgets do not grow the ledger forever.
@@ -35,7 +36,7 @@ _EPHEMERAL_KINDS = ("run:", "session:")
 
 
 @dataclass(frozen=True, slots=True)
-class _Template:
+class LineTemplate:
     """What a line of one scope and window needs besides the time: key, limits, budgets."""
 
     key: str
@@ -43,6 +44,8 @@ class _Template:
     limits: Limits
     names: tuple[str | None, ...]
     budgets: tuple[Budget, ...]
+    full: Limits | None = None  # with budgets in mode: shadow, every limit in force
+    full_names: tuple[str | None, ...] = ()
 
 
 class _LRU(OrderedDict[Any, Any]):
@@ -91,6 +94,8 @@ class LinePlanner:
     def __init__(self, budgets: Sequence[Budget], tz: ZoneInfo) -> None:
         self.budgets = list(budgets)
         self.tz = tz
+        self.shadow = any(b.shadow for b in self.budgets)
+        """Whether some budget is in ``mode: shadow`` (its lines carry a ``shadow`` view)."""
         self._scope_templates = _LRU(16384)
         self._slots: dict[str, tuple[Slot, float, float]] = {}
         self._path_lines = _LRU(4096)
@@ -145,7 +150,12 @@ class LinePlanner:
                     limits=t.limits,
                     expires_at=expires_at,
                 )
-                out.append(LinePlan.of(line, t.budgets, t.names, slot.resets_at))
+                lp = LinePlan.of(line, t.budgets, t.names, slot.resets_at)
+                if t.full is not None:
+                    full = replace(line, limits=t.full)
+                    view = LinePlan.of(full, t.budgets, t.full_names, slot.resets_at)
+                    lp = replace(lp, shadow=view)
+                out.append(lp)
         lines = tuple(out)
         if cache:
             self._path_lines.put(path, (lo, hi, lines))
@@ -192,10 +202,14 @@ class LinePlanner:
         entry = self._slots[budget.window.spec] = (slot, *valid)
         return entry
 
-    def _templates(self, scope: str) -> tuple[_Template, ...]:
+    def templates(self, scope: str) -> tuple[LineTemplate, ...]:
+        """What the lines of ``scope`` are made of, one per window: key, limits, budgets."""
+        return self._templates(scope)
+
+    def _templates(self, scope: str) -> tuple[LineTemplate, ...]:
         """Per scope: one entry per window with its storage key and merged limits (cached)."""
 
-        def build() -> tuple[_Template, ...]:
+        def build() -> tuple[LineTemplate, ...]:
             by_window: dict[str, list[Budget]] = {}
             for b in self.budgets:
                 if b.matches(scope):
@@ -203,20 +217,29 @@ class LinePlanner:
             out = []
             for spec, matching in by_window.items():
                 budgets = _overridden(matching, scope)
-                limits: list[int | None] = [None] * len(UNITS)
-                names: list[str | None] = [None] * len(UNITS)
-                for b in budgets:
-                    for u, lim in enumerate(b.limits):
-                        current = limits[u]
-                        if lim is not None and (current is None or lim < current):
-                            limits[u], names[u] = lim, b.name
-                merged: Limits = (limits[0], limits[1], limits[2], limits[3], limits[4], limits[5])
-                out.append(
-                    _Template(line_key(scope, spec), spec, merged, tuple(names), tuple(budgets))
-                )
+                merged, names = _merge([b for b in budgets if not b.shadow])
+                full, full_names = None, names
+                if any(b.shadow for b in budgets):  # reserved with the shadow limits lifted
+                    full, full_names = _merge(budgets)
+                    merged = lift(merged, full)
+                key = line_key(scope, spec)
+                out.append(LineTemplate(key, spec, merged, names, tuple(budgets), full, full_names))
             return tuple(out)
 
         return self._scope_templates.get_or(scope, build)  # type: ignore[no-any-return]
+
+
+def _merge(budgets: Sequence[Budget]) -> tuple[Limits, tuple[str | None, ...]]:
+    """The tightest limit of each unit over ``budgets``, and the name of the budget that
+    sets it."""
+    limits: list[int | None] = [None] * len(UNITS)
+    names: list[str | None] = [None] * len(UNITS)
+    for b in budgets:
+        for u, lim in enumerate(b.limits):
+            current = limits[u]
+            if lim is not None and (current is None or lim < current):
+                limits[u], names[u] = lim, b.name
+    return (limits[0], limits[1], limits[2], limits[3], limits[4], limits[5]), tuple(names)
 
 
 def _overridden(budgets: list[Budget], scope: str) -> list[Budget]:

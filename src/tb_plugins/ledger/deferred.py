@@ -9,8 +9,10 @@ used from the first moment it opens.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +21,11 @@ from tb_plugins.core.urls import redact_url
 from tb_plugins.core.usage import Amounts, UsageRecord, UsageRow
 from tb_plugins.errors import LedgerError, LedgerUnavailable
 from tb_plugins.ledger.base import GroupBy, Ledger
+from tb_plugins.warnings import FailOpenWarning
 
-__all__ = ["DeferredLedger"]
+__all__ = ["DeferredLedger", "open_ledger"]
+
+logger = logging.getLogger("tb_plugins")
 
 _RETRY_EVERY = 1.0
 
@@ -125,3 +130,30 @@ class DeferredLedger(Ledger):
         """Close the ledger if it was opened."""
         if self._inner is not None:
             self._inner.close()
+
+
+def open_ledger(url: str, timeout: float, *, fail_closed: bool) -> Ledger:
+    """The ledger ``url`` names, opened now, so that a bad path or a server that refuses shows
+    when the guard is built: with ``fail_closed`` as :class:`LedgerUnavailable`, else as a
+    :class:`~tb_plugins.warnings.FailOpenWarning` (the guard then keeps trying to open it,
+    through a :class:`DeferredLedger`)."""
+    from tb_plugins.ledger import ledger_from_url
+
+    ledger: Ledger | None = None
+    try:
+        ledger = ledger_from_url(url, timeout=timeout)
+        ledger.records(limit=1)  # opens the file or the connection; cheap on every backend
+        return ledger
+    except LedgerError as exc:
+        problem = f"the ledger {redact_url(url)} cannot be opened ({exc})"
+        if fail_closed:
+            raise LedgerUnavailable(
+                f"{problem}; the policy says on_ledger_error: fail_closed"
+            ) from exc
+        msg = (
+            f"tb_plugins: {problem}; calls are admitted without a budget check (fail_open) "
+            f"and their spend kept until it opens"
+        )
+        logger.error(msg)
+        warnings.warn(msg, FailOpenWarning, stacklevel=5)
+        return ledger if ledger is not None else DeferredLedger(url, exc, timeout=timeout)

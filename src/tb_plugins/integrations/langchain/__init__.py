@@ -11,7 +11,9 @@ Three ways to put a budget on LangChain calls, all sharing one :class:`~tb_plugi
 * :class:`TokenBudgetMiddleware` for ``langchain.agents.create_agent`` applies the full decision
   ladder to each model call: the cheaper model at ``downgrade_at``, a lower ``max_tokens`` near
   the limit, and a graceful end of the agent (or an error) when a budget or the per-run
-  ``calls`` limit is spent.
+  ``calls`` limit is spent; it also refuses tool calls past a ``tool_calls`` budget (the agent
+  gets a tool message saying why) and ends runs that loop (``repeats``) or last too long
+  (``seconds``).
 * :func:`with_budget_downgrade` does the same switch and clamp for a model in a plain chain.
 
 Refusals are raised as :class:`BudgetRefusedError` subclasses. They are also
@@ -46,6 +48,8 @@ from tb_plugins.integrations.langchain.errors import (
     BudgetRefusedError,
     LoopLimitExceededError,
     RequestTooLargeError,
+    RunLimitExceededError,
+    ToolLimitExceededError,
     UnpricedModelError,
 )
 from tb_plugins.integrations.langchain.handler import (
@@ -63,8 +67,10 @@ __all__ = [
     "BudgetState",
     "LoopLimitExceededError",
     "RequestTooLargeError",
+    "RunLimitExceededError",
     "TokenBudgetCallbackHandler",
     "TokenBudgetMiddleware",
+    "ToolLimitExceededError",
     "UnpricedModelError",
     "budget_scope",
     "with_budget_downgrade",

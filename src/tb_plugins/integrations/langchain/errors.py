@@ -11,6 +11,8 @@ from tb_plugins.errors import (
     BudgetRefused,
     LoopLimitExceeded,
     RequestTooLarge,
+    RunLimitExceeded,
+    ToolLimitExceeded,
     UnpricedModel,
 )
 
@@ -35,6 +37,16 @@ class LoopLimitExceededError(LoopLimitExceeded, BudgetExceededError):
     """:class:`~tb_plugins.LoopLimitExceeded` (the per-run ``calls`` cutoff) inside LangChain."""
 
 
+class ToolLimitExceededError(ToolLimitExceeded, LoopLimitExceededError):
+    """:class:`~tb_plugins.errors.ToolLimitExceeded` (a ``tool_calls`` budget) inside
+    LangChain: raised by the callback handler's ``on_tool_start``, so the tool never runs."""
+
+
+class RunLimitExceededError(RunLimitExceeded, LoopLimitExceededError):
+    """:class:`~tb_plugins.errors.RunLimitExceeded` (``repeats`` or ``seconds``: the run must
+    end) inside LangChain."""
+
+
 class RequestTooLargeError(RequestTooLarge, BudgetExceededError):
     """:class:`~tb_plugins.RequestTooLarge`, raised inside LangChain."""
 
@@ -44,6 +56,8 @@ class UnpricedModelError(UnpricedModel, BudgetRefusedError):
 
 
 _LC_ERRORS: dict[type[BudgetRefused], type[BudgetRefusedError]] = {
+    ToolLimitExceeded: ToolLimitExceededError,
+    RunLimitExceeded: RunLimitExceededError,
     LoopLimitExceeded: LoopLimitExceededError,
     RequestTooLarge: RequestTooLargeError,
     BudgetExceeded: BudgetExceededError,

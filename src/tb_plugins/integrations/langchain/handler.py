@@ -62,6 +62,12 @@ class TokenBudgetCallbackHandler(BaseCallbackHandler):
     ``agent:<lc_agent_name>`` (``create_agent(name=...)``) + ``run:<root run id>``. The run tree
     behind ``chain:`` and ``run:`` is pruned when its root run ends.
 
+    Tool runs are checked in ``on_tool_start`` against the agent limits (``tool_calls``,
+    ``repeats``, ``seconds``: see :mod:`tb_plugins.engine.agents`) on the same scope path; a
+    refusal raises :class:`ToolLimitExceededError` or :class:`RunLimitExceededError`, so the
+    tool never runs (and, as a callback cannot answer for the tool, the run stops with that
+    error; :class:`TokenBudgetMiddleware` answers the agent with a tool message instead).
+
     Args:
         guard: the process's guard.
         scopes: scopes charged for every call, e.g. ``["team:search"]``.
@@ -91,6 +97,8 @@ class TokenBudgetCallbackHandler(BaseCallbackHandler):
         self._roots: dict[UUID, _Root] = {}
         self._holds: HeldCalls[UUID] = HeldCalls()
         self._scoped = False  # made by budget_scope()
+        agents = getattr(guard, "agents", None)  # a stand-in guard may have no agent limits
+        self._agent_limits = bool(agents is not None and agents.active)
 
     def __repr__(self) -> str:
         return f"TokenBudgetCallbackHandler(scopes={list(self.scopes)!r})"
@@ -126,6 +134,8 @@ class TokenBudgetCallbackHandler(BaseCallbackHandler):
                     r.members.discard(run_id)
                 return
             r = self._roots.pop(root)
+            if self._agent_limits:
+                self.guard.end_run(f"run:{root}")  # its in-memory agent counters
             for member in r.members:
                 self._root_of.pop(member, None)
             for held in r.holds:
@@ -159,16 +169,7 @@ class TokenBudgetCallbackHandler(BaseCallbackHandler):
             return  # registered twice on one run, or another guard layer holds this call
         root = self._enter(run_id, parent_run_id, None)
         params = kwargs.get("invocation_params") or {}
-        scopes = [*self.scopes, *lc.metadata_scopes(metadata)]
-        with self._lock:
-            r = self._roots.get(root)
-            root_name = r.name if r is not None else None
-        if root_name:
-            scopes.append(f"chain:{root_name}")
-        agent = (metadata or {}).get("lc_agent_name")
-        if agent:
-            scopes.append(f"agent:{agent}")
-        scopes.append(f"run:{root}")
+        scopes = self._scopes(root, metadata)
         try:
             request = Request(
                 model=lc.invocation_model(params, metadata, serialized),
@@ -192,6 +193,19 @@ class TokenBudgetCallbackHandler(BaseCallbackHandler):
             r = self._roots.get(root)
             if r is not None:
                 r.holds.add(run_id)
+
+    def _scopes(self, root: UUID, metadata: dict[str, Any] | None) -> list[str]:
+        scopes = [*self.scopes, *lc.metadata_scopes(metadata)]
+        with self._lock:
+            r = self._roots.get(root)
+            root_name = r.name if r is not None else None
+        if root_name:
+            scopes.append(f"chain:{root_name}")
+        agent = (metadata or {}).get("lc_agent_name")
+        if agent:
+            scopes.append(f"agent:{agent}")
+        scopes.append(f"run:{root}")
+        return scopes
 
     def _pop_hold(self, run_id: UUID) -> Decision | None:
         with self._lock:
@@ -269,8 +283,22 @@ class TokenBudgetCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> None:
-        """Track the run."""
-        self._enter(run_id, parent_run_id, kwargs.get("name"))
+        """Track the run, and check the agent limits: raises :class:`ToolLimitExceededError`
+        or :class:`RunLimitExceededError` so a refused tool never runs."""
+        root = self._enter(run_id, parent_run_id, kwargs.get("name"))
+        if not self._agent_limits or self._stands_aside():
+            return  # no tool is limited, or the middleware checked this tool call
+        name = (serialized or {}).get("name") or kwargs.get("name") or "unknown"
+        inputs = kwargs.get("inputs")
+        try:
+            scopes = self._scopes(root, kwargs.get("metadata"))
+            self.guard.check_tool(scopes, str(name), input_str if inputs is None else inputs)
+        except BudgetRefused as err:
+            self._leave(run_id)
+            raise _lc_error(err) from None
+        except BaseException:
+            self._leave(run_id)
+            raise
 
     def on_retriever_start(
         self,

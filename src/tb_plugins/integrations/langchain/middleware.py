@@ -1,5 +1,6 @@
-"""Agent middleware for ``create_agent``: the whole decision ladder on each model call, and a
-graceful end (or an error) when a budget or the per-run ``calls`` limit is spent."""
+"""Agent middleware for ``create_agent``: the whole decision ladder on each model call, a
+graceful end (or an error) when a budget or the per-run ``calls`` limit is spent, and the
+agent limits (``tool_calls``, ``repeats``, ``seconds``) checked before each tool call."""
 
 from __future__ import annotations
 
@@ -18,16 +19,15 @@ from langchain.agents.middleware import (
 )
 from langchain.agents.middleware.types import PrivateStateAttr
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, ToolMessage
+from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 from typing_extensions import NotRequired
 
 from tb_plugins.core.request import Request
 from tb_plugins.engine import BudgetGuard, Decision
-from tb_plugins.errors import (
-    BudgetRefused,
-)
+from tb_plugins.errors import BudgetRefused, RunLimitExceeded
 from tb_plugins.integrations.langchain import adapters as lc
 from tb_plugins.integrations.langchain.errors import _lc_error
 from tb_plugins.integrations.langchain.handler import _GUARDED
@@ -57,6 +57,15 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
     message history stays valid: the last tool calls are all answered, the final message has
     none), or raises :class:`BudgetRefusedError` (``on_exhausted="raise"``).
 
+    Each tool call is checked before the tool runs (``wrap_tool_call``) against the policy's
+    agent limits: past a ``tool_calls`` budget the tool is not run and the agent gets a
+    ``ToolMessage`` (``status="error"``) naming the tool, the limit and the scope, and goes on
+    (other tools still run). When a run must end (the same tool with the same arguments
+    ``repeats`` times, or past its ``seconds``), the tool is not run, the agent gets a
+    ``ToolMessage`` saying why, and its next model call ends the run like an exhausted
+    ``calls`` budget (``on_exhausted="raise"`` raises :class:`RunLimitExceededError` at once
+    instead). ``seconds`` is also checked before each model call, on the guard's clock.
+
     Scope path: ``scopes`` + scopes from run metadata (``team``, ``user_id``, ``tb_scopes``) +
     ``agent:<name>`` (``create_agent(name=...)``) + ``run:<id>``. Here a *run* is one
     invocation of the agent: an id minted by ``before_agent`` and kept in the agent state, so it
@@ -72,7 +81,8 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         scopes: scopes charged for every call.
         models: ready chat models by name for downgrade targets, e.g.
             ``{"gpt-4o-mini": ChatOpenAI(model="gpt-4o-mini")}``.
-        on_exhausted: ``"end"`` (default) or ``"raise"``.
+        on_exhausted: ``"end"`` (default) or ``"raise"``: what an exhausted budget or an
+            ended run does (a ``tool_calls`` refusal is always a tool message).
 
     Example:
         >>> from langchain.agents import create_agent
@@ -115,6 +125,20 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
     ) -> dict[str, Any] | None:
         """Async :meth:`before_agent`."""
         return self.before_agent(state, runtime)
+
+    def after_agent(self, state: BudgetState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """End the run: drop its in-memory agent counters (not for a ``tb_run_id`` from
+        metadata, which may span several invocations)."""
+        run = state.get("tb_run_id")
+        if run and not lc.current_metadata().get("tb_run_id"):
+            self.guard.end_run(f"run:{run}")
+        return None
+
+    async def aafter_agent(
+        self, state: BudgetState, runtime: Runtime[Any]
+    ) -> dict[str, Any] | None:
+        """Async :meth:`after_agent`."""
+        return self.after_agent(state, runtime)
 
     def wrap_model_call(
         self,
@@ -160,17 +184,70 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         await lc.afinish(self.guard, decision, lc.response_usage(response, decision.model))
         return response
 
+    def wrap_tool_call(
+        self,
+        request: ToolCallRequest,
+        handler: Callable[[ToolCallRequest], ToolMessage | Command[Any]],
+    ) -> ToolMessage | Command[Any]:
+        """Check the agent limits before the tool runs; a refused tool is answered with a
+        ``ToolMessage`` saying why and never runs."""
+        refused = self._check_tool(request)
+        if refused is not None:
+            return refused
+        token = _GUARDED.set(True)  # a callback handler on this tool run stands aside
+        try:
+            return handler(request)
+        finally:
+            _GUARDED.reset(token)
+
+    async def awrap_tool_call(
+        self,
+        request: ToolCallRequest,
+        handler: Callable[[ToolCallRequest], Awaitable[ToolMessage | Command[Any]]],
+    ) -> ToolMessage | Command[Any]:
+        """Async :meth:`wrap_tool_call`."""
+        refused = self._check_tool(request)
+        if refused is not None:
+            return refused
+        token = _GUARDED.set(True)
+        try:
+            return await handler(request)
+        finally:
+            _GUARDED.reset(token)
+
     # helpers --------------------------------------------------------------------------------
 
-    def _call(self, request: ModelRequest[Any]) -> Request:
+    def _scopes(self, state: Any) -> list[str]:
         metadata = lc.current_metadata()
         scopes = [*self.scopes, *lc.metadata_scopes(metadata)]
         agent = metadata.get("lc_agent_name")
         if agent:
             scopes.append(f"agent:{agent}")
-        run = metadata.get("tb_run_id") or request.state.get("tb_run_id")
+        run = metadata.get("tb_run_id") or (
+            state.get("tb_run_id") if isinstance(state, Mapping) else None
+        )
         if run:
             scopes.append(f"run:{run}")
+        return scopes
+
+    def _check_tool(self, request: ToolCallRequest) -> ToolMessage | None:
+        call = request.tool_call
+        try:
+            self.guard.check_tool(self._scopes(request.state), call["name"], call.get("args"))
+        except BudgetRefused as err:
+            if self.on_exhausted == "raise" and isinstance(err, RunLimitExceeded):
+                raise _lc_error(err) from None
+            return ToolMessage(
+                content=str(err),
+                name=call["name"],
+                tool_call_id=call["id"] or "",
+                status="error",
+                response_metadata={"tb_plugins": err.to_dict()},
+            )
+        return None
+
+    def _call(self, request: ModelRequest[Any]) -> Request:
+        scopes = self._scopes(request.state)
         messages = list(request.messages)
         if request.system_message is not None:
             messages.insert(0, request.system_message)

@@ -152,9 +152,11 @@ APPEND_OVERRIDE = (
     " VALUES ((SELECT ifnull(max(version), 0) + 1 FROM overrides), ?) RETURNING version"
 )
 OVERRIDES = "SELECT version, body FROM overrides WHERE version > ? ORDER BY version"
+# A range of the ts index, however late `since` is: a page read from the middle of a long log
+# (tb replay reads it a page at a time) does not scan the index from its start.
 RECORDS = f"""
 SELECT {RECORD_COLUMNS} FROM usage
- WHERE (:since IS NULL OR ts >= :since) AND (:until IS NULL OR ts < :until)
+ WHERE ts >= ifnull(:since, -1e308) AND ts < ifnull(:until, 1e308)
  ORDER BY ts, id LIMIT :limit
 """
 # SQLite's JSON functions cut a string at an escaped NUL (json_each reads "a\u0000b" as "a"),
