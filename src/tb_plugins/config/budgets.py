@@ -23,6 +23,7 @@ from tb_plugins.config.fields import (
     _Strict,
 )
 from tb_plugins.core.budgets import Budget
+from tb_plugins.core.pacing import PRIORITIES
 from tb_plugins.core.quantities import parse_quantity, parse_usd, short_repr
 from tb_plugins.core.scopes import escape_text, normalize_scope
 from tb_plugins.core.usage import NO_LIMITS, UNIT_INDEX, usd_to_nano
@@ -68,6 +69,10 @@ class BudgetSpec(_Strict):
     with ``tool_calls`` and no other limit), ``repeats`` (2 to 10**15; ``run:`` scopes) and
     ``seconds`` (a duration; ``run:`` scopes). A budget of agent limits only may leave out
     ``window`` (it is ``total``); ``repeats`` and ``seconds`` count per run whatever the window.
+
+    Dynamic limits (see :mod:`tb_plugins.core.pacing`): ``pace: even`` with ``burst`` (a
+    fraction in [0, 1), default 0) on a calendar window (minute ... month); ``stop_at``, a
+    fraction in (0, 1] per priority (``low``, ``normal``, ``high``, ``critical``).
     """
 
     scope: str
@@ -88,6 +93,9 @@ class BudgetSpec(_Strict):
     tool: str | None = None
     repeats: Quantity | None = None
     seconds: Seconds | None = None
+    pace: Literal["even"] | None = None
+    burst: float | None = None
+    stop_at: dict[str, float] | None = None
 
     @field_validator("scope")
     @classmethod
@@ -134,6 +142,28 @@ class BudgetSpec(_Strict):
     @classmethod
     def _downgrade_at(cls, v: float | None) -> float | None:
         return None if v is None else _fraction("downgrade_at", v)
+
+    @field_validator("burst", mode="before")
+    @classmethod
+    def _burst(cls, v: Any) -> Any:
+        _no_bool(v)
+        if isinstance(v, int | float) and not 0 <= v < 1:
+            raise ValueError(f"burst is a fraction in [0, 1), got {v!r}")
+        return v
+
+    @field_validator("stop_at", mode="before")
+    @classmethod
+    def _stop_at(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            for priority, frac in v.items():
+                if priority not in PRIORITIES:
+                    raise ValueError(
+                        f"stop_at: unknown priority {priority!r}; use {', '.join(PRIORITIES)}"
+                    )
+                _no_bool(frac)
+                if isinstance(frac, int | float):
+                    _fraction(f"stop_at[{priority!r}]", frac)
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -210,7 +240,21 @@ class BudgetSpec(_Strict):
                 "field 'calls': the calls limit applies to 'run:' and 'session:' scopes"
             )
         self._check_agent_limits(window.kind)
+        self._check_dynamic(window.kind)
         return self
+
+    def _check_dynamic(self, window_kind: str) -> None:
+        if self.burst is not None and self.pace is None:
+            raise ValueError("field 'burst': it is the head start of a paced budget; set pace")
+        if self.pace is not None and window_kind != "calendar":
+            raise ValueError(
+                f"field 'pace': pacing spreads a calendar window (minute ... month); "
+                f"{self.window!r} has no start to pace from"
+            )
+        if (self.pace is not None or self.stop_at) and all(
+            getattr(self, u) is None for u in UNIT_INDEX
+        ):
+            raise ValueError("fields 'pace' and 'stop_at' shape a ledger limit (tokens, usd ...)")
 
     def _check_agent_limits(self, window_kind: str) -> None:
         for unit in ("repeats", "seconds"):
@@ -281,6 +325,8 @@ def compile_budget(index: int, spec: BudgetSpec) -> Budget:
         repeats=spec.repeats,
         seconds=spec.seconds,
         shadow=spec.mode == "shadow",
+        pace=None if spec.pace is None else (spec.burst or 0.0),
+        stop_at=tuple(sorted((spec.stop_at or {}).items())),
     )
 
 

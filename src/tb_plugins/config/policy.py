@@ -28,10 +28,16 @@ from tb_plugins.policy_yaml import read_policy_yaml
 
 class RequestCaps(_Strict):
     """Per-call caps (``request:``), each at most
-    :data:`~tb_plugins.core.usage.MAX_CALL_TOKENS` (10**9)."""
+    :data:`~tb_plugins.core.usage.MAX_CALL_TOKENS` (10**9).
+
+    ``on_too_long`` says what a conversation above ``max_input_tokens`` gets: ``refuse``
+    (default: :class:`~tb_plugins.errors.RequestTooLarge`) or ``trim`` (its oldest messages are
+    dropped until it fits, see :mod:`tb_plugins.core.trim`; refused if it cannot fit).
+    """
 
     max_input_tokens: CallTokens | None = None
     max_output_tokens: CallTokens | None = None
+    on_too_long: Literal["refuse", "trim"] = "refuse"
 
 
 class EstimateSpec(_Strict):

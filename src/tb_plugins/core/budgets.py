@@ -39,6 +39,10 @@ class Budget:
         seconds: a ``run:`` budget: wall-clock seconds a run may last.
         shadow: ``mode: shadow``: charged and decided, not enforced (see
             :mod:`tb_plugins.core.ladder`).
+        pace: ``pace: even``: the burst share (``burst``, default 0) the allowance starts
+            from; None when spend is not paced (see :mod:`tb_plugins.core.pacing`).
+        stop_at: ``(priority, fraction)`` pairs: a call of that priority may use that
+            fraction of the limit (of the paced allowance if paced).
 
     The agent limits are counted in memory by :mod:`tb_plugins.engine.agents`, not in the
     ledger; a budget with only those has no ledger limit (:attr:`in_ledger` is False).
@@ -58,6 +62,13 @@ class Budget:
     repeats: int | None = None
     seconds: float | None = None
     shadow: bool = False
+    pace: float | None = None
+    stop_at: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def shapes(self) -> bool:
+        """True when pacing or ``stop_at`` lowers its limits for some calls."""
+        return self.pace is not None or bool(self.stop_at)
 
     @property
     def in_ledger(self) -> bool:

@@ -18,6 +18,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from tb_plugins.core.lines import Line, LineState
@@ -34,10 +35,11 @@ from tb_plugins.core.usage import (
     amounts,
     unit_value,
 )
-from tb_plugins.errors import BudgetExceeded, LoopLimitExceeded
+from tb_plugins.errors import BudgetExceeded, LoopLimitExceeded, _fmt_amount
 
 if TYPE_CHECKING:
     from tb_plugins.core.budgets import Budget
+    from tb_plugins.core.pacing import Allowance
 
 __all__ = [
     "LinePlan",
@@ -60,6 +62,10 @@ class LinePlan:
     A line with budgets in ``mode: shadow`` is reserved with their limits lifted (see
     :data:`~tb_plugins.core.ladder.LIFTED`); ``shadow`` is then the same line with every limit
     in force, on which :func:`~tb_plugins.core.ladder.decide` finds what enforcement would do.
+
+    A line whose budgets pace spend or stop some priorities early (``shapes``) is planned per
+    call with its limits lowered to what the call may use now (see
+    :mod:`tb_plugins.core.pacing`); ``allowance`` then says when a refused call will fit.
     """
 
     line: Line
@@ -69,6 +75,8 @@ class LinePlan:
     alerts: bool = False  # some budget of the line has alert thresholds
     downgrades: bool = False  # some budget of the line has a downgrade_at fraction
     shadow: LinePlan | None = None  # the line with its shadow budgets' limits in force
+    shapes: bool = False  # some budget of the line is paced or has stop_at fractions
+    allowance: Allowance | None = None  # how pacing and stop_at lowered the limits
 
     @classmethod
     def of(
@@ -86,6 +94,7 @@ class LinePlan:
             resets_at,
             alerts=any(b.alerts for b in budgets),
             downgrades=any(b.downgrade_at is not None for b in budgets),
+            shapes=any(b.shapes for b in budgets),
         )
 
 
@@ -168,7 +177,8 @@ def refusal(
     states: Sequence[LineState],
     min_output_tokens: int,
 ) -> BudgetExceeded:
-    """The error to raise when nothing fits: the failing budget that resets last."""
+    """The error to raise when nothing fits: the failing budget that resets last (for a
+    paced or ``stop_at`` limit: when its allowance admits the call, if before the reset)."""
     need = plan.amounts(min(plan.output_tokens, min_output_tokens))
     worst: tuple[float, int, int] | None = None
     for i, (lp, st) in enumerate(zip(lines, states, strict=True)):
@@ -176,7 +186,7 @@ def refusal(
             a = _avail(lp.line.limits, st, unit)
             if a is None or need[unit] <= a:
                 continue
-            reset = math.inf if lp.resets_at is None else lp.resets_at
+            reset = _admits_at(lp, st, unit, need[unit])
             key = (reset, -i, unit)
             if worst is None or key > worst:
                 worst = key
@@ -187,10 +197,15 @@ def refusal(
                 if lp.line.limits[unit] is not None:
                     worst = (0.0, -i, unit)
                     break
-    _, neg_i, unit = worst
+    at, neg_i, unit = worst
     lp, st = lines[-neg_i], states[-neg_i]
     limit = lp.line.limits[unit] or 0
     cls = LoopLimitExceeded if unit == CALLS else BudgetExceeded
+    resets_at = lp.resets_at
+    message = None
+    if lp.allowance is not None and at and at != math.inf:
+        resets_at = at
+        message = _paced_message(lp, unit, st.spent[unit] + st.held[unit], limit, need[unit], at)
     return cls(
         scope=lp.line.scope,
         budget=lp.limit_names[unit] or lp.line.scope,
@@ -198,7 +213,33 @@ def refusal(
         spent=unit_value(unit, st.spent[unit] + st.held[unit]),
         limit=unit_value(unit, limit),
         requested=unit_value(unit, need[unit]),
-        resets_at=lp.resets_at,
+        resets_at=resets_at,
+        message=message,
+    )
+
+
+def _admits_at(lp: LinePlan, st: LineState, unit: int, need: int) -> float:
+    """When the line will have room for ``need`` more of ``unit`` (inf: never resets)."""
+    if lp.allowance is not None:
+        at = lp.allowance.admits_at(unit, st.spent[unit] + st.held[unit] + need)
+        if at is not None:
+            return at
+    return math.inf if lp.resets_at is None else lp.resets_at
+
+
+def _paced_message(lp: LinePlan, unit: int, used: int, limit: int, need: int, at: float) -> str:
+    when = datetime.fromtimestamp(at, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    name = UNITS[unit]
+    return (
+        f"budget {lp.limit_names[unit] or lp.line.scope!r} for scope {lp.line.scope!r} allows "
+        f"{_fmt_amount(name, unit_value(unit, limit))} now, for this call's priority (pace / "
+        f"stop_at): {_fmt_amount(name, unit_value(unit, used))} used, this call needs "
+        f"{_fmt_amount(name, unit_value(unit, need))}; "
+        + (
+            f"the window resets at {when}"
+            if at == lp.resets_at
+            else f"the allowance admits it at {when}"
+        )
     )
 
 

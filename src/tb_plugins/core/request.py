@@ -35,6 +35,13 @@ class Request:
         reservation_id: an id for the hold (default: a new time-ordered UUID).
         adjust: False when the caller cannot change the request (a callback that only
             observes): the answer is then ``allow`` or a refusal, never clamp/downgrade.
+        trimmable: True when the caller can send fewer ``messages`` than it asked with: under
+            ``request: {on_too_long: trim}`` an over-long conversation is then cut to fit
+            (:attr:`Decision.kept_messages <tb_plugins.engine.decision.Decision.kept_messages>`
+            says which to send) instead of refused.
+        priority: ``low``, ``normal``, ``high`` or ``critical``: how much of a budget with
+            ``stop_at`` fractions the call may use. Set it from the trusted side only (the
+            app, run metadata, the proxy key's metadata), never from a client's request.
     """
 
     model: str
@@ -46,3 +53,5 @@ class Request:
     input_tokens: int | None = None
     reservation_id: str | None = None
     adjust: bool = True
+    priority: str = "normal"
+    trimmable: bool = False

@@ -68,8 +68,8 @@ class AlertFlows:
             ),
             None,
         )
-        if lp is None:
-            return
+        if lp is None or (lp.allowance is not None and _shaped(lp, err)):
+            return  # a paced or stop_at refusal: the budget itself is not exhausted
         key = f"{lp.line.key}|{lp.line.bucket}|exhausted|{err.budget}"
         if key in self._exhausted:
             return
@@ -237,3 +237,10 @@ def _figures(budget: Budget, state: LineState | None) -> dict[str, Any]:
         return {}
     _, u, lim = best
     return {"unit": UNITS[u], "spent": unit_value(u, state.spent[u]), "limit": unit_value(u, lim)}
+
+
+def _shaped(lp: LinePlan, err: BudgetExceeded) -> bool:
+    """Whether ``err`` refused on a limit pacing or ``stop_at`` lowered below the budget's."""
+    unit = UNITS.index(err.unit)
+    full = [lim for b in lp.budgets if not b.shadow and (lim := b.limits[unit]) is not None]
+    return bool(full) and err.limit < unit_value(unit, min(full))

@@ -179,6 +179,9 @@ class Decision:
         shadow: with budgets (or the policy) in ``mode: shadow``, what enforcement would have
             done (None otherwise); ``action``, ``model`` and ``max_tokens`` are then what
             the enforced budgets decided.
+        kept_messages: under ``request: {on_too_long: trim}``, the indices of the request's
+            messages to send, in order, when the conversation was trimmed to fit
+            ``request.max_input_tokens`` (None: send them all).
     """
 
     action: Action
@@ -198,6 +201,7 @@ class Decision:
     issuer: str = field(default="", repr=False, compare=False)
     shadow: Shadow | None = None
     request: Request | None = field(default=None, repr=False, compare=False)
+    kept_messages: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

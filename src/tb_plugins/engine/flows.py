@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from tb_plugins.core.ladder import full_view
@@ -24,6 +24,7 @@ from tb_plugins.core.policy import (
 )
 from tb_plugins.core.request import Request
 from tb_plugins.core.scopes import escape_text
+from tb_plugins.core.trim import trim_messages
 from tb_plugins.core.urls import redact_url
 from tb_plugins.core.usage import (
     Usage,
@@ -78,6 +79,8 @@ class _Call:
     now: float
     lines: tuple[LinePlan, ...] = ()
     request: Request | None = None  # kept when the estimate is a bound (settle may count)
+    kept: tuple[int, ...] | None = None  # the messages sent, when trimmed to fit
+    trimmed: str = ""  # the reason that says so
 
 
 class Flows(AlertFlows):
@@ -120,6 +123,18 @@ class Flows(AlertFlows):
         limit = None if shadow_all else caps.max_input_tokens
         if limit is not None and plan.bound and plan.input_tokens > limit:
             plan, reasons = self.estimator.plan(request)  # the cap is on the exact count
+        kept, trimmed = None, ""
+        if limit is not None and plan.input_tokens > limit and self._trims(request):
+            kept = self._trim(request, limit)
+            if kept is not None:
+                sent = request.messages or ()
+                dropped = len(sent) - len(kept)
+                request = replace(request, messages=[sent[i] for i in kept])
+                plan, reasons = self.estimator.plan(request)
+                trimmed = (
+                    f"trimmed {dropped} oldest message{'s' if dropped != 1 else ''} to fit "
+                    f"request.max_input_tokens ({limit:,})"
+                )
         if limit is not None and plan.input_tokens > limit:
             too_large = RequestTooLarge(
                 scope="request",
@@ -136,8 +151,8 @@ class Flows(AlertFlows):
             )
             yield from self._record_deny(call, too_large)
             raise too_large
-        lines = self.planner.lines(path, now)
-        call = _Call(rid, path, model, now, lines, request if plan.bound else None)
+        lines = self.planner.lines(path, now, priority=request.priority)
+        call = _Call(rid, path, model, now, lines, request if plan.bound else None, kept, trimmed)
         expires_at = now + self.policy.reservation_ttl
         cheaper = self.estimator.downgrade_model(model) if request.adjust else None
         # A line known to be past downgrade_at starts the ladder on the cheaper model.
@@ -231,6 +246,22 @@ class Flows(AlertFlows):
         yield from self._exhausted_alert(call.lines, call.now, err)
         raise err
 
+    def _trims(self, request: Request) -> bool:
+        return (
+            self.policy.request.on_too_long == "trim"
+            and request.trimmable
+            and request.adjust
+            and request.input_tokens is None
+            and bool(request.messages)
+        )
+
+    def _trim(self, request: Request, limit: int) -> tuple[int, ...] | None:
+        """The messages of ``request`` that fit ``limit`` (see :mod:`tb_plugins.core.trim`)."""
+        tokenizer, model, tools = self.estimator.tokenizer, request.model, request.tools
+        return trim_messages(
+            request.messages or (), limit, lambda ms: tokenizer.count_messages(model, ms, tools)
+        )
+
     def _input_of(self, decision: Decision) -> int:
         """The input tokens to charge a call that reported no usage: its estimate, counted
         exactly now if the check used a bound (off the hot path: such calls are rare)."""
@@ -274,7 +305,7 @@ class Flows(AlertFlows):
                 plan.exact,
             ),
             scopes=call.path,
-            reasons=tuple(reasons),
+            reasons=(call.trimmed, *reasons) if call.trimmed else tuple(reasons),
             remaining=remaining(lines, states, plan.amounts()) if states else {},
             local=local,
             created_at=now,
@@ -284,6 +315,7 @@ class Flows(AlertFlows):
             plan=plan,
             issuer=self._issuer,
             shadow=shadow,
+            kept_messages=call.kept,
         )
         if self.listeners:
             self._emit("decision", {"decision": d})

@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from tb_plugins.core.pacing import check_priority
 from tb_plugins.core.pricing import PriceTable
 from tb_plugins.core.request import Request
 from tb_plugins.core.scopes import KNOWN_KINDS
@@ -216,6 +217,7 @@ class BudgetGuard(Flows, LiveBudgets, AgentChecks):
         input_tokens: int | None = None,
         reservation_id: str | None = None,
         adjust: bool = True,
+        priority: str = "normal",
     ) -> Decision:
         """Decide one call and hold its estimate on every budget of its scope path.
 
@@ -232,6 +234,8 @@ class BudgetGuard(Flows, LiveBudgets, AgentChecks):
                 time-ordered UUID (version 7, as 32 hex digits).
             adjust: False when the caller cannot change the request (a callback that only
                 observes): the answer is then ``allow`` or a refusal, never clamp/downgrade.
+            priority: ``low``, ``normal``, ``high`` or ``critical``, for budgets with
+                ``stop_at`` fractions; pass it from your own code, never from a client's input.
 
         Returns:
             The decision: apply ``decision.model`` and ``decision.max_tokens`` to the call.
@@ -248,7 +252,7 @@ class BudgetGuard(Flows, LiveBudgets, AgentChecks):
         """
         request = Request(
             model, messages, max_tokens, tuple(scopes), tools, prompt, input_tokens,
-            reservation_id, adjust,
+            reservation_id, adjust, priority,
         )  # fmt: skip
         return self.check_request(request)
 
@@ -264,6 +268,7 @@ class BudgetGuard(Flows, LiveBudgets, AgentChecks):
         input_tokens: int | None = None,
         reservation_id: str | None = None,
         adjust: bool = True,
+        priority: str = "normal",
     ) -> Decision:
         """Async :meth:`check`: the same decision, awaiting the ledger.
 
@@ -273,19 +278,23 @@ class BudgetGuard(Flows, LiveBudgets, AgentChecks):
         """
         request = Request(
             model, messages, max_tokens, tuple(scopes), tools, prompt, input_tokens,
-            reservation_id, adjust,
+            reservation_id, adjust, priority,
         )  # fmt: skip
         return await self.acheck_request(request)
 
     def check_request(self, request: Request) -> Decision:
         """:meth:`check` for a :class:`~tb_plugins.core.request.Request` an integration built."""
         self.check_run(request.scopes)
+        if request.priority != "normal":
+            check_priority(request.priority)
         down = self._sync_clock() or self._maybe_flush() or self._maybe_refresh()
         return drive(self.ledger, self._check_flow(request, down))
 
     async def acheck_request(self, request: Request) -> Decision:
         """Async :meth:`check_request`."""
         self.check_run(request.scopes)
+        if request.priority != "normal":
+            check_priority(request.priority)
         down = (
             await self._async_sync_clock()
             or await self._amaybe_flush()

@@ -4,10 +4,15 @@ the tightest limit of each unit over the budgets that match.
 Planning is pure, but it runs on every call, so each step is cached: the validated path of a
 tuple of scopes, the templates (key, limits, budgets) of a scope, the window slot of an
 instant, and the lines of a path until one of its windows moves on.
+
+A line whose budgets pace spend or set ``stop_at`` fractions is then shaped for each call
+(its limits lowered to what that call may use at that instant: :mod:`tb_plugins.core.pacing`),
+never cached; a policy without such budgets skips the step.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from tb_plugins.core.ladder import lift
+from tb_plugins.core.pacing import effective
 from tb_plugins.core.policy import LinePlan
 from tb_plugins.core.scopes import normalize_scope
 from tb_plugins.core.usage import UNITS, Limits
@@ -96,10 +102,13 @@ class LinePlanner:
         self.tz = tz
         self.shadow = any(b.shadow for b in self.budgets)
         """Whether some budget is in ``mode: shadow`` (its lines carry a ``shadow`` view)."""
+        self.shapes = any(b.shapes for b in self.budgets)
+        """Whether some budget is paced or has ``stop_at`` (lines are shaped per call)."""
         self._scope_templates = _LRU(16384)
         self._slots: dict[str, tuple[Slot, float, float]] = {}
         self._path_lines = _LRU(4096)
         self._paths: dict[tuple[Any, ...], tuple[str, ...]] = {}
+        self._shaped: dict[tuple[int, str], tuple[Any, float, float, Any]] = {}
 
     def scope_path(self, scopes: Iterable[str]) -> tuple[str, ...]:
         """``global`` plus the given scopes, in order, without repeats.
@@ -122,12 +131,22 @@ class LinePlanner:
                 self._paths.clear()
         return known
 
-    def lines(self, path: Sequence[str], now: float, *, cache: bool = True) -> tuple[LinePlan, ...]:
+    def lines(
+        self,
+        path: Sequence[str],
+        now: float,
+        *,
+        cache: bool = True,
+        priority: str | None = None,
+    ) -> tuple[LinePlan, ...]:
         """The lines a call on ``path`` charges now (a call's path is reused while none of
-        its windows moves on)."""
+        its windows moves on); with ``priority``, shaped for a call of that priority (pacing
+        and ``stop_at`` applied; without it, the budgets' full limits, as status shows them)."""
         if cache:
             lines: tuple[LinePlan, ...] | None = self._path_lines.get_fresh(path, now)
             if lines is not None:
+                if priority is not None and self.shapes:
+                    return self.shaped(lines, now, priority)
                 return lines
         lo, hi = float("-inf"), float("inf")
         out: list[LinePlan] = []
@@ -159,7 +178,46 @@ class LinePlanner:
         lines = tuple(out)
         if cache:
             self._path_lines.put(path, (lo, hi, lines))
+        if priority is not None and self.shapes:
+            return self.shaped(lines, now, priority)
         return lines
+
+    def shaped(
+        self, lines: tuple[LinePlan, ...], now: float, priority: str
+    ) -> tuple[LinePlan, ...]:
+        """``lines`` with each paced or ``stop_at`` limit lowered to what a call of
+        ``priority`` may bring spend up to at ``now``.
+
+        A paced allowance only grows, so it is worked out at the start of ``now``'s whole
+        second and reused through that second (it admits a call at most a second late, never
+        early); a ``stop_at`` share alone is reused for as long as ``lines`` are."""
+        key = (id(lines), priority)
+        entry = self._shaped.get(key)
+        if entry is not None and entry[0] is lines and entry[1] <= now < entry[2]:
+            return entry[3]  # type: ignore[no-any-return]
+        paced = any(b.pace is not None for lp in lines if lp.shapes for b in lp.budgets)
+        lo, hi = (math.floor(now), math.floor(now) + 1.0) if paced else (-math.inf, math.inf)
+        at = lo if paced else now
+        out = tuple([self._shape(lp, at, priority) if lp.shapes else lp for lp in lines])
+        if len(self._shaped) > _PATH_MEMORY:
+            self._shaped.clear()
+        self._shaped[key] = (lines, lo, hi, out)
+        return out
+
+    def _shape(self, lp: LinePlan, now: float, priority: str, *, full: bool = False) -> LinePlan:
+        slot = self.slot(lp.budgets[0], now)[0]
+        length = 0.0 if slot.resets_at is None or slot.width else slot.resets_at - slot.start
+        budgets = lp.budgets if full else [b for b in lp.budgets if not b.shadow]
+        limits, allow = effective(
+            lp.line.limits, budgets, priority, now=now, start=slot.start, length=length
+        )
+        shadow = lp.shadow
+        if shadow is not None:
+            shadow = self._shape(shadow, now, priority, full=True)
+        if allow is None and shadow is lp.shadow:
+            return lp
+        line = lp.line if allow is None else replace(lp.line, limits=limits)  # type: ignore[arg-type]
+        return replace(lp, line=line, allowance=allow, shadow=shadow)
 
     def settle_line(self, lp: LinePlan, now: float) -> Line:
         """The line a settle at ``now`` charges: the one reserved, except that a rolling

@@ -22,7 +22,10 @@ embeddings, text completions):
    ``model`` (downgrade: the router then serves the cheaper model group with that group's
    own deployments and credentials) and ``max_tokens`` (clamp). A refusal is an HTTP 429
    with ``x-should-retry: false`` (the official OpenAI clients do not retry it) and a body
-   naming the scope, budget, spend, limit and reset time. An output cap
+   naming the scope, budget, spend, limit and reset time. Under ``request: {on_too_long:
+   trim}``, a chat conversation above ``request.max_input_tokens`` loses its oldest messages
+   until it fits (see :mod:`tb_plugins.core.trim`) and the upstream receives the trimmed
+   ``messages``; one that cannot fit is refused. An output cap
    (``max_tokens``, ``max_completion_tokens``, ``max_output_tokens``) that is not a whole
    number of tokens between 0 and :data:`~tb_plugins.core.usage.MAX_CALL_TOKENS` is an
    HTTP 400 (``invalid_request_error``) naming the field.
@@ -63,6 +66,7 @@ class defines.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -85,6 +89,7 @@ from tb_plugins.integrations.litellm.proxy_scopes import (
     SCOPES_HEADER,
     client_scopes,
     identity_scopes,
+    key_priority,
     scope_owner,
 )
 from tb_plugins.integrations.litellm.requests import (
@@ -307,8 +312,13 @@ class TokenBudgetProxyHandler(CustomLogger):
             return None
         owner = scope_owner(user_api_key_dict)
         scopes = identity_scopes(user_api_key_dict) + client_scopes(data, owner=owner)
+        # The priority comes from the key's server-side metadata only, never the client's.
+        request = view.request(scopes, priority=key_priority(user_api_key_dict))
+        sent = data.get("messages")
+        if view.api == "completion" and isinstance(sent, list):  # one dict per message
+            request = dataclasses.replace(request, trimmable=len(sent) == len(view.messages or ()))
         try:
-            decision = await self.guard.acheck_request(view.request(scopes))
+            decision = await self.guard.acheck_request(request)
         except BudgetRefused as err:
             raise BudgetProxyException(err) from err
         except LedgerUnavailable as err:
@@ -327,6 +337,8 @@ class TokenBudgetProxyHandler(CustomLogger):
             ) from exc
         if decision.model != view.model:
             data["model"] = decision.model
+        if decision.kept_messages is not None and isinstance(sent, list):
+            data["messages"] = [sent[i] for i in decision.kept_messages]  # trimmed to fit
         apply_decision(data, view, decision)
         token = secrets.token_hex(16)
         self._holds.hold(token, decision)

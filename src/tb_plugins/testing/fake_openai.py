@@ -82,6 +82,8 @@ class Served:
         outcome: ``ok``, ``failed`` (scripted error), ``stopped`` (connection cut
             mid-stream) or ``disconnected`` (the client went away).
         chunks: content chunks sent (streams only).
+        at: when it was recorded (epoch seconds).
+        messages: the chat ``messages`` the request carried, as received (None: none).
     """
 
     path: str
@@ -96,6 +98,7 @@ class Served:
     outcome: str
     chunks: int = 0
     at: float = 0.0
+    messages: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -562,6 +565,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             max_tokens = max_tokens if isinstance(max_tokens, int) else None
             rule = fake._take_rule(path, model)
             api_key = self._api_key()
+            messages = body.get("messages") if isinstance(body.get("messages"), list) else None
             self._recording, self._finishing = True, False
 
             def record(
@@ -581,6 +585,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                         outcome,
                         chunks,
                         time.time(),
+                        messages,
                     ),
                     finishing=self._finishing,
                 )

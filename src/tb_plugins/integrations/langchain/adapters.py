@@ -27,6 +27,7 @@ from langchain_core.runnables import RunnableBinding
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
+from tb_plugins.core.pacing import DEFAULT_PRIORITY, PRIORITIES
 from tb_plugins.core.usage import Usage
 from tb_plugins.engine.held import Cost, afinish, finish
 
@@ -43,6 +44,7 @@ __all__ = [
     "invocation_max_tokens",
     "invocation_model",
     "max_tokens_key",
+    "metadata_priority",
     "metadata_scopes",
     "model_name",
     "openai_messages",
@@ -90,6 +92,28 @@ def metadata_scopes(metadata: Mapping[str, Any] | None) -> list[str]:
     elif isinstance(extra, Iterable):
         out.extend(str(s) for s in extra)
     return out
+
+
+def metadata_priority(metadata: Mapping[str, Any] | None) -> str:
+    """The call's priority from run metadata ``tb_priority`` (the app sets it), ``normal``
+    if absent; an unknown value is logged and taken as ``normal``.
+
+    Example:
+        >>> metadata_priority({"tb_priority": "low"}), metadata_priority(None)
+        ('low', 'normal')
+    """
+    value = metadata.get("tb_priority") if metadata else None
+    if value is None:
+        return DEFAULT_PRIORITY
+    if value not in PRIORITIES:
+        logger.warning(
+            "tb_plugins: run metadata tb_priority=%r is not one of %s; using %r",
+            value,
+            ", ".join(PRIORITIES),
+            DEFAULT_PRIORITY,
+        )
+        return DEFAULT_PRIORITY
+    return str(value)
 
 
 def openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:

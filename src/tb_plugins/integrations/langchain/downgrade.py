@@ -56,6 +56,7 @@ class BudgetDowngrade(Runnable[LanguageModelInput, BaseMessage]):
             tools=lc.openai_tools(settings.get("tools")),
             max_tokens=lc.requested_max_tokens(base, settings),
             scopes=(*self.scopes, *lc.metadata_scopes(config.get("metadata"))),
+            priority=lc.metadata_priority(config.get("metadata")),
         )
         return call, messages
 

@@ -180,6 +180,7 @@ class TokenBudgetCallbackHandler(BaseCallbackHandler):
                 scopes=tuple(scopes),
                 reservation_id=run_id.hex,
                 adjust=False,
+                priority=lc.metadata_priority(metadata),
             )
             decision = self.guard.check_request(request)
         except BudgetRefused as err:

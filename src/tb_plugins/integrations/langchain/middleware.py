@@ -1,6 +1,6 @@
 """Agent middleware for ``create_agent``: the whole decision ladder on each model call, a
-graceful end (or an error) when a budget or the per-run ``calls`` limit is spent, and the
-agent limits (``tool_calls``, ``repeats``, ``seconds``) checked before each tool call."""
+graceful end (an error, or an interrupt) when a budget or the per-run ``calls`` limit is spent,
+and the agent limits (``tool_calls``, ``repeats``, ``seconds``) checked before each tool call."""
 
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.runtime import Runtime
-from langgraph.types import Command
+from langgraph.types import Command, interrupt
 from typing_extensions import NotRequired
 
 from tb_plugins.core.request import Request
 from tb_plugins.engine import BudgetGuard, Decision
-from tb_plugins.errors import BudgetRefused, RunLimitExceeded
+from tb_plugins.errors import BudgetExceeded, BudgetRefused, RunLimitExceeded
 from tb_plugins.integrations.langchain import adapters as lc
+from tb_plugins.integrations.langchain import interrupts
 from tb_plugins.integrations.langchain.errors import _lc_error
 from tb_plugins.integrations.langchain.handler import _GUARDED
 
@@ -57,6 +58,21 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
     message history stays valid: the last tool calls are all answered, the final message has
     none), or raises :class:`BudgetRefusedError` (``on_exhausted="raise"``).
 
+    With ``on_exhausted="interrupt"``, a budget of the run's own scope (``run:*`` tokens, usd,
+    ``calls``...) that is spent pauses the graph with a LangGraph ``interrupt`` naming the
+    budget, scope, spent, limit and unit; ``Command(resume={"extend": "5k tokens"})`` raises
+    that run's limit by the amount (a runtime override on ``run:<id>``, in ``tb budgets
+    history`` with its reason) and the call goes on; any other answer ends the run with the
+    final message, as does an extension still too small for the call. Other refusals end the
+    run as with ``"end"``. This needs a checkpointer (``create_agent(...,
+    checkpointer=InMemorySaver())``); a run without one is refused at its start with a
+    ``ValueError``. See :mod:`tb_plugins.integrations.langchain.interrupts`.
+
+    Under ``request: {on_too_long: trim}`` in the policy, a conversation above
+    ``request.max_input_tokens`` loses its oldest messages until it fits (system messages, the
+    latest user message and tool-call/result pairs are kept together) and the model receives
+    the trimmed list (``request.override(messages=...)``); the agent's state keeps them all.
+
     Each tool call is checked before the tool runs (``wrap_tool_call``) against the policy's
     agent limits: past a ``tool_calls`` budget the tool is not run and the agent gets a
     ``ToolMessage`` (``status="error"``) naming the tool, the limit and the scope, and goes on
@@ -81,8 +97,8 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         scopes: scopes charged for every call.
         models: ready chat models by name for downgrade targets, e.g.
             ``{"gpt-4o-mini": ChatOpenAI(model="gpt-4o-mini")}``.
-        on_exhausted: ``"end"`` (default) or ``"raise"``: what an exhausted budget or an
-            ended run does (a ``tool_calls`` refusal is always a tool message).
+        on_exhausted: ``"end"`` (default), ``"raise"`` or ``"interrupt"``: what an exhausted
+            budget or an ended run does (a ``tool_calls`` refusal is always a tool message).
 
     Example:
         >>> from langchain.agents import create_agent
@@ -104,11 +120,11 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         scopes: Iterable[str] = (),
         *,
         models: Mapping[str, BaseChatModel] | None = None,
-        on_exhausted: Literal["end", "raise"] = "end",
+        on_exhausted: Literal["end", "raise", "interrupt"] = "end",
     ) -> None:
         super().__init__()
-        if on_exhausted not in ("end", "raise"):
-            raise ValueError(f"on_exhausted is 'end' or 'raise', got {on_exhausted!r}")
+        if on_exhausted not in ("end", "raise", "interrupt"):
+            raise ValueError(f"on_exhausted is 'end', 'raise' or 'interrupt', got {on_exhausted!r}")
         self.guard = guard
         self.scopes = tuple(scopes)
         self.models: dict[str, BaseChatModel] = dict(models or {})
@@ -118,6 +134,8 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
 
     def before_agent(self, state: BudgetState, runtime: Runtime[Any]) -> dict[str, Any] | None:
         """Start a run: mint the id charged as ``run:<id>``."""
+        if self.on_exhausted == "interrupt":
+            interrupts.require_checkpointer()
         return {"tb_run_id": uuid.uuid4().hex}
 
     async def abefore_agent(
@@ -150,7 +168,14 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         try:
             decision = self.guard.check_request(call)
         except BudgetRefused as err:
-            return self._exhausted(err)
+            change = self._extension(err, call)
+            if change is None:
+                return self._exhausted(err)
+            self.guard.set_budget(**change)
+            try:
+                decision = self.guard.check_request(call)
+            except BudgetRefused as again:
+                return self._exhausted(again)
         token = _GUARDED.set(True)
         try:
             response = handler(self._apply(request, call, decision))
@@ -172,7 +197,14 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         try:
             decision = await self.guard.acheck_request(call)
         except BudgetRefused as err:
-            return self._exhausted(err)
+            change = self._extension(err, call)
+            if change is None:
+                return self._exhausted(err)
+            await self.guard.aset_budget(**change)
+            try:
+                decision = await self.guard.acheck_request(call)
+            except BudgetRefused as again:
+                return self._exhausted(again)
         token = _GUARDED.set(True)
         try:
             response = await handler(self._apply(request, call, decision))
@@ -246,22 +278,39 @@ class TokenBudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
             )
         return None
 
+    def _extension(self, err: BudgetRefused, call: Request) -> dict[str, Any] | None:
+        """With ``on_exhausted="interrupt"``, ask (interrupt) for an extension of a run's
+        spent budget; the ``set_budget`` arguments that apply it, or None (end the run)."""
+        run = interrupts.run_scope(call.scopes)
+        if self.on_exhausted != "interrupt" or not interrupts.extendable(err, run):
+            return None
+        assert isinstance(err, BudgetExceeded)
+        extra = interrupts.extension(interrupt(interrupts.interrupt_payload(err)), err.unit)
+        return None if extra is None else interrupts.extend_change(self.guard, err, extra)
+
     def _call(self, request: ModelRequest[Any]) -> Request:
         scopes = self._scopes(request.state)
         messages = list(request.messages)
         if request.system_message is not None:
             messages.insert(0, request.system_message)
+        sent = lc.openai_messages(messages)
         return Request(
             model=lc.model_name(request.model),
-            messages=lc.openai_messages(messages),
+            messages=sent,
+            trimmable=len(sent) == len(messages),  # one dict per message: a cut maps back
             tools=lc.openai_tools(request.tools),
             max_tokens=lc.requested_max_tokens(request.model, request.model_settings),
             scopes=tuple(scopes),
+            priority=lc.metadata_priority(lc.current_metadata()),
         )
 
     def _apply(
         self, request: ModelRequest[Any], call: Request, decision: Decision
     ) -> ModelRequest[Any]:
+        if decision.kept_messages is not None:  # trimmed to fit request.max_input_tokens
+            first = 0 if request.system_message is None else 1
+            kept = [request.messages[i - first] for i in decision.kept_messages if i >= first]
+            request = request.override(messages=kept)
         model = request.model
         if decision.model != call.model:
             model = self._model_for(decision.model)

@@ -6,6 +6,9 @@ server-side record of the authenticated key only. A client may add ``agent:``, `
 and ``feature:`` scopes (``metadata.tb_scopes`` or the ``x-tb-scopes`` header), at most
 eight, each namespaced under its owner (``agent:planner@team:search``), so no tenant can spend
 or exhaust another's counters.
+
+A request's priority (for budgets with ``stop_at``) is the ``tb_priority`` of the key's
+server-side metadata, else of its team's; a client cannot raise it by header or body.
 """
 
 from __future__ import annotations
@@ -16,9 +19,17 @@ from typing import Any
 
 from litellm.proxy._types import UserAPIKeyAuth
 
+from tb_plugins.core.pacing import DEFAULT_PRIORITY, PRIORITIES
 from tb_plugins.core.scopes import normalize_scope
 
-__all__ = ["CLIENT_SCOPE_KINDS", "SCOPES_HEADER", "client_scopes", "identity_scopes", "scope_owner"]
+__all__ = [
+    "CLIENT_SCOPE_KINDS",
+    "SCOPES_HEADER",
+    "client_scopes",
+    "identity_scopes",
+    "key_priority",
+    "scope_owner",
+]
 
 logger = logging.getLogger("tb_plugins")
 
@@ -50,6 +61,34 @@ def identity_scopes(auth: UserAPIKeyAuth) -> list[str]:
     if auth.end_user_id:
         out.append(f"end_user:{auth.end_user_id}")
     return out
+
+
+def key_priority(auth: UserAPIKeyAuth) -> str:
+    """The priority of an authenticated key's requests: ``tb_priority`` in the key's
+    server-side metadata, else in its team's metadata, else ``normal`` (an unknown value is
+    logged and taken as ``normal``). Nothing the client sends is read.
+
+    Example:
+        >>> from litellm.proxy._types import UserAPIKeyAuth
+        >>> key_priority(UserAPIKeyAuth(api_key="sk-1", metadata={"tb_priority": "critical"}))
+        'critical'
+        >>> key_priority(UserAPIKeyAuth(api_key="sk-1"))
+        'normal'
+    """
+    for source in (auth.metadata, auth.team_metadata):
+        value = source.get("tb_priority") if isinstance(source, Mapping) else None
+        if value is None:
+            continue
+        if value in PRIORITIES:
+            return str(value)
+        logger.warning(
+            "tb_plugins: key metadata tb_priority=%r is not one of %s; using %r",
+            value,
+            ", ".join(PRIORITIES),
+            DEFAULT_PRIORITY,
+        )
+        return DEFAULT_PRIORITY
+    return DEFAULT_PRIORITY
 
 
 def scope_owner(auth: UserAPIKeyAuth) -> str | None:

@@ -62,9 +62,11 @@ class RequestView:
         model: str | None = None,
         messages: list[dict[str, Any]] | None = None,
         adjust: bool = True,
+        priority: str = "normal",
     ) -> Request:
         """The :class:`~tb_plugins.core.request.Request` the guard decides (``model`` and
-        ``messages`` replace the request's own when given)."""
+        ``messages`` replace the request's own when given; ``priority`` comes from the
+        caller's trusted side, never from the request body)."""
         return Request(
             model=model or self.model or "",
             messages=self.messages if messages is None else messages,
@@ -74,6 +76,7 @@ class RequestView:
             prompt=self.prompt,
             input_tokens=self.input_tokens,
             adjust=adjust,
+            priority=priority,
         )
 
 
