@@ -486,6 +486,36 @@ def test_client_cannot_charge_another_team(stack: Stack) -> None:
         assert (stack.tokens(victim).spent, stack.tokens(victim).reserved) == (0, 0)
 
 
+@pytest.mark.slow
+def test_litellm_session_header_is_the_run_s_session_scope(stack: Stack) -> None:
+    """`x-litellm-trace-id` (LiteLLM's own session header) names the request's `session:`
+    scope, under the key's team, so a `session:*` budget limits one client agent run."""
+    client, _ = counting_client(stack, "sk-spoof")
+    before = len(stack.fake.requests)
+    client.chat.completions.create(
+        model="gpt-4o",
+        max_tokens=20,
+        messages=[{"role": "user", "content": "one step of a run"}],
+        extra_headers={"x-litellm-trace-id": "run-7"},
+    )
+    (served,) = stack.new_requests(before)
+    used = served.prompt_tokens + served.completion_tokens
+    assert stack.tokens("session:run-7@team:spoof-team").spent == used
+
+
+def test_session_headers_become_one_session_scope() -> None:
+    """The explicit session header wins over the trace header; a name that may not be a
+    client scope is dropped; no header, no session scope."""
+    from tb_plugins.integrations.litellm_proxy import client_scopes
+
+    both = {"x-litellm-session-id": "s-1", "x-litellm-trace-id": "t-1"}
+    data = {"proxy_server_request": {"headers": both}}
+    assert client_scopes(data, owner="key:k") == ["session:s-1@key:k"]
+    bad = {"proxy_server_request": {"headers": {"x-litellm-trace-id": "a*b"}}}
+    assert client_scopes(bad, owner="key:k") == []
+    assert client_scopes({"proxy_server_request": {"headers": {}}}, owner="key:k") == []
+
+
 # -- two proxies, one ledger -----------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from tb_plugins.core.scopes import normalize_scope
 __all__ = [
     "CLIENT_SCOPE_KINDS",
     "SCOPES_HEADER",
+    "SESSION_HEADERS",
     "client_scopes",
     "identity_scopes",
     "key_priority",
@@ -36,6 +37,8 @@ logger = logging.getLogger("tb_plugins")
 CLIENT_SCOPE_KINDS = ("agent", "session", "feature")
 """Scope kinds a client may add to its own requests; every other kind comes from auth."""
 SCOPES_HEADER = "x-tb-scopes"
+SESSION_HEADERS = ("x-litellm-session-id", "x-litellm-trace-id")
+"""LiteLLM's headers naming a session (an agent run): each request's ``session:`` scope."""
 _MAX_CLIENT_SCOPES = 8
 _MAX_CLIENT_ITEMS = 64  # scope items read per request, whatever the client sends
 _MAX_SCOPE_LENGTH = 200
@@ -120,9 +123,19 @@ def _client_items(data: Mapping[str, Any]) -> Iterator[object]:
             logger.debug("tb_plugins: ignoring %s.tb_scopes of type %s", field, type(value))
     request = data.get("proxy_server_request")
     headers = request.get("headers") if isinstance(request, Mapping) else None
-    value = headers.get(SCOPES_HEADER) if isinstance(headers, Mapping) else None
+    if not isinstance(headers, Mapping):
+        return
+    value = headers.get(SCOPES_HEADER)
     if isinstance(value, str):
         yield from value.split(",")
+    # LiteLLM's own session headers name an agent run: its `session:` scope (a `calls` or
+    # token budget on `session:*` cuts off a client's looping agent). Only the explicit
+    # headers: a trace id the proxy generates would make a new scope per request.
+    for header in SESSION_HEADERS:
+        value = headers.get(header)
+        if isinstance(value, str) and value.strip():
+            yield f"session:{value.strip()}"
+            return
 
 
 def _client_scope(item: object) -> str | None:
