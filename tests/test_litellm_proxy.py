@@ -500,7 +500,7 @@ def test_litellm_session_header_is_the_run_s_session_scope(stack: Stack) -> None
     )
     (served,) = stack.new_requests(before)
     used = served.prompt_tokens + served.completion_tokens
-    assert stack.tokens("session:run-7@team:spoof-team").spent == used
+    assert stack.settled("session:run-7@team:spoof-team").spent == used
 
 
 def test_session_headers_become_one_session_scope() -> None:

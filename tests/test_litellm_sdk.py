@@ -150,6 +150,28 @@ async def test_acompletion_is_charged_its_exact_usage(
 
 
 @same_loop
+async def test_acompletion_priority_comes_from_the_app_s_metadata(
+    fake: FakeOpenAI, logger: TokenBudgetLogger
+) -> None:
+    """`metadata={"tb_priority": "low"}` (set by the application) makes a call low priority:
+    it stops at its `stop_at` share while a normal call goes on."""
+    budget = {"scope": "team:p", "tokens": 1000, "window": "day", "stop_at": {"low": 0.1}}
+    shared = BudgetGuard.from_dict({"ledger": "memory://", "budgets": [budget]})
+    logger.guard = shared
+    spend(shared, "team:p", 200)
+    with pytest.raises(BudgetExceeded):
+        await litellm.acompletion(
+            model="openai/gpt-4o", max_tokens=20,
+            metadata={"tb_scopes": ["team:p"], "tb_priority": "low"}, **direct(fake),
+        )  # fmt: skip
+    r = await litellm.acompletion(
+        model="openai/gpt-4o", max_tokens=20, metadata={"tb_scopes": ["team:p"]}, **direct(fake)
+    )
+    assert r.usage.completion_tokens == 20
+    await drained(logger)
+
+
+@same_loop
 async def test_acompletion_max_tokens_is_clamped_to_what_is_left(
     fake: FakeOpenAI, guard: BudgetGuard, logger: TokenBudgetLogger
 ) -> None:

@@ -29,7 +29,7 @@ from tb_plugins.core.scopes import escape_text, normalize_scope
 from tb_plugins.core.usage import NO_LIMITS, UNIT_INDEX, usd_to_nano
 from tb_plugins.core.windows import parse_duration, parse_window
 
-__all__ = ["AGENT_UNITS", "MAX_TOOL_NAME", "BudgetSpec", "compile_budget"]
+__all__ = ["AGENT_UNITS", "MAX_TOOL_NAME", "MAX_WAIT", "BudgetSpec", "compile_budget"]
 
 _MAX_ONE_LINE = 200
 AGENT_UNITS = ("tool_calls", "repeats", "seconds")
@@ -39,6 +39,8 @@ MAX_TOOL_NAME = 256
 _ONE_LINE_UNITS = (*UNIT_INDEX, "tool_calls")
 _RUN_ONLY = ("run:",)
 _TOOL_SCOPES = ("run:", "session:", "agent:")
+MAX_WAIT = 600.0
+"""Longest ``on_exhausted: wait:<max>``: 10 minutes."""
 
 
 def _seconds(value: Any) -> float:
@@ -72,7 +74,9 @@ class BudgetSpec(_Strict):
 
     Dynamic limits (see :mod:`tb_plugins.core.pacing`): ``pace: even`` with ``burst`` (a
     fraction in [0, 1), default 0) on a calendar window (minute ... month); ``stop_at``, a
-    fraction in (0, 1] per priority (``low``, ``normal``, ``high``, ``critical``).
+    fraction in (0, 1] per priority (``low``, ``normal``, ``high``, ``critical``);
+    ``on_exhausted``: ``deny`` (default) or ``wait:<max>`` (at most :data:`MAX_WAIT`) on a
+    minute, hour, rolling or paced window (see :mod:`tb_plugins.engine.throttle`).
     """
 
     scope: str
@@ -96,6 +100,7 @@ class BudgetSpec(_Strict):
     pace: Literal["even"] | None = None
     burst: float | None = None
     stop_at: dict[str, float] | None = None
+    on_exhausted: str | None = None  # None: deny
 
     @field_validator("scope")
     @classmethod
@@ -163,6 +168,12 @@ class BudgetSpec(_Strict):
                 _no_bool(frac)
                 if isinstance(frac, int | float):
                     _fraction(f"stop_at[{priority!r}]", frac)
+        return v
+
+    @field_validator("on_exhausted")
+    @classmethod
+    def _on_exhausted(cls, v: str | None) -> str | None:
+        wait_seconds(v)
         return v
 
     @model_validator(mode="before")
@@ -255,6 +266,14 @@ class BudgetSpec(_Strict):
             getattr(self, u) is None for u in UNIT_INDEX
         ):
             raise ValueError("fields 'pace' and 'stop_at' shape a ledger limit (tokens, usd ...)")
+        if wait_seconds(self.on_exhausted) is not None:
+            spec = parse_window(self.window).spec
+            short = window_kind == "rolling" or spec in ("minute", "hour") or self.pace
+            if not short or all(getattr(self, u) is None for u in UNIT_INDEX):
+                raise ValueError(
+                    f"field 'on_exhausted': waiting suits a ledger limit (tokens, usd ...) on a "
+                    f"minute, hour, rolling or paced window, not {self.window!r}"
+                )
 
     def _check_agent_limits(self, window_kind: str) -> None:
         for unit in ("repeats", "seconds"):
@@ -327,7 +346,27 @@ def compile_budget(index: int, spec: BudgetSpec) -> Budget:
         shadow=spec.mode == "shadow",
         pace=None if spec.pace is None else (spec.burst or 0.0),
         stop_at=tuple(sorted((spec.stop_at or {}).items())),
+        wait=wait_seconds(spec.on_exhausted),
     )
+
+
+def wait_seconds(on_exhausted: str | None) -> float | None:
+    """The seconds ``on_exhausted: wait:<max>`` may wait; None for ``deny`` (or unset).
+
+    Raises:
+        ValueError: neither ``deny`` nor ``wait:<duration>`` of at most :data:`MAX_WAIT`.
+    """
+    if on_exhausted is None or on_exhausted == "deny":
+        return None
+    head, sep, duration = on_exhausted.partition(":")
+    if head.strip() != "wait" or not sep:
+        raise ValueError(
+            f"expected 'deny' or 'wait:<max>' such as 'wait:30s', got {short_repr(on_exhausted)}"
+        )
+    try:
+        return parse_duration(duration, maximum=MAX_WAIT)
+    except ValueError as exc:
+        raise ValueError(f"{short_repr(on_exhausted)}: {exc}") from None
 
 
 def _agent_only(data: Mapping[str, Any]) -> bool:

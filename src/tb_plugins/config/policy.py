@@ -126,6 +126,9 @@ class Policy(_Strict):
 
     ``mode: shadow`` decides every call and records what enforcement would have done, without
     enforcing the budgets or the ``request`` caps (a budget's own ``mode`` wins over this one).
+
+    ``output_hold: p95 | p99`` holds that percentile of the model's recent outputs, capped by
+    the call's output cap, instead of the cap itself (see :mod:`tb_plugins.engine.holds`).
     """
 
     ledger: str = "sqlite:///tb_ledger.db"
@@ -135,6 +138,7 @@ class Policy(_Strict):
     ledger_timeout: Timeout = 2.0
     default_output_tokens: CallTokens = 1024
     min_output_tokens: CallTokens = 16
+    output_hold: Literal["max_tokens", "p95", "p99"] = "max_tokens"
     reservation_ttl: TTL = 600.0
     override_refresh: Refresh = 5.0
     unpriced: Literal["deny", "count_tokens_only"] | UsePrice = "count_tokens_only"

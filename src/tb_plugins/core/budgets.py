@@ -43,6 +43,8 @@ class Budget:
             from; None when spend is not paced (see :mod:`tb_plugins.core.pacing`).
         stop_at: ``(priority, fraction)`` pairs: a call of that priority may use that
             fraction of the limit (of the paced allowance if paced).
+        wait: ``on_exhausted: wait:<max>``: the seconds a refused call may wait for room
+            (see :mod:`tb_plugins.engine.throttle`); None: refuse at once.
 
     The agent limits are counted in memory by :mod:`tb_plugins.engine.agents`, not in the
     ledger; a budget with only those has no ledger limit (:attr:`in_ledger` is False).
@@ -64,6 +66,7 @@ class Budget:
     shadow: bool = False
     pace: float | None = None
     stop_at: tuple[tuple[str, float], ...] = ()
+    wait: float | None = None
 
     @property
     def shapes(self) -> bool:

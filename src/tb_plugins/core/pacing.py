@@ -20,20 +20,50 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tb_plugins.core.budgets import Budget
 
-__all__ = ["DEFAULT_PRIORITY", "PRIORITIES", "Allowance", "allowance", "check_priority"]
+__all__ = [
+    "DEFAULT_PRIORITY",
+    "PRIORITIES",
+    "Allowance",
+    "allowance",
+    "check_priority",
+    "priority_of",
+]
+
+logger = logging.getLogger("tb_plugins")
 
 PRIORITIES = ("low", "normal", "high", "critical")
 """The priorities a call may have (``stop_at`` keys)."""
 DEFAULT_PRIORITY = "normal"
 """The priority of a call that names none."""
+
+
+def priority_of(metadata: Mapping[str, object] | None, where: str = "metadata") -> str:
+    """The priority named by ``tb_priority`` in metadata the application (never a remote
+    client) sets; ``normal`` if absent; an unknown value is logged and taken as ``normal``.
+
+    Example:
+        >>> priority_of({"tb_priority": "low"}), priority_of(None)
+        ('low', 'normal')
+    """
+    value = metadata.get("tb_priority") if isinstance(metadata, Mapping) else None
+    if value is None:
+        return DEFAULT_PRIORITY
+    if value not in PRIORITIES:
+        logger.warning(
+            "tb_plugins: %s tb_priority=%r is not one of %s; using %r",
+            where, value, ", ".join(PRIORITIES), DEFAULT_PRIORITY,
+        )  # fmt: skip
+        return DEFAULT_PRIORITY
+    return str(value)
 
 
 def check_priority(priority: object) -> str:

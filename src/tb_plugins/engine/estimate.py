@@ -13,6 +13,7 @@ from tb_plugins.core.pricing import ModelPrice, PriceTable, Pricing
 from tb_plugins.core.request import Request
 from tb_plugins.core.scopes import escape_text
 from tb_plugins.core.usage import MAX_CALL_TOKENS, NANO, Usage, check_count
+from tb_plugins.engine.holds import OutputHolds
 from tb_plugins.errors import UnpricedModel
 from tb_plugins.warnings import UnpricedModelWarning
 
@@ -60,6 +61,8 @@ class Estimator:
             else None
         )
         self._warned_unpriced: set[str] = set()
+        mode = policy.output_hold
+        self.holds = OutputHolds(mode) if mode != "max_tokens" else None
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -132,6 +135,8 @@ class Estimator:
                 )
             out = applied = caps.max_output_tokens
         price, priced = self.price(model)
+        if self.holds is not None:  # a learned percentile, never above the cap (applied)
+            out = self.holds.hold(model, out)
         plan = Plan(
             model=model,
             input_tokens=input_tokens,

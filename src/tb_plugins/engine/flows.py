@@ -45,6 +45,7 @@ from tb_plugins.engine.decision import (
 )
 from tb_plugins.engine.drivers import Flow, quiet
 from tb_plugins.engine.estimate import Estimator, with_output
+from tb_plugins.engine.holds import WARM_RECORDS, WARM_SECONDS
 from tb_plugins.engine.planning import LinePlanner
 from tb_plugins.engine.shadow import as_asked, shadow_verdict
 from tb_plugins.engine.writeback import Pending, WriteBack
@@ -111,6 +112,10 @@ class Flows(AlertFlows):
         rid = request.reservation_id or new_reservation_id()
         model = request.model
         call = _Call(rid, path, model, now)
+        holds = self.estimator.holds
+        if holds is not None and holds.claim_warm():  # once: learn from every guard's calls
+            since = now - WARM_SECONDS
+            holds.warm((yield from quiet("records", (), {"since": since, "limit": WARM_RECORDS})))
         shadow_all = self.policy.mode == "shadow"  # the request caps are not enforced either
         # Bound first: an upper bound of the input, counted exactly below wherever the count
         # could change the decision (a request cap, a refusal); an allow it leaves stands.
@@ -372,12 +377,15 @@ class Flows(AlertFlows):
         if usage is not None and not isinstance(usage, Usage):
             raise TypeError(f"settle() takes a tb_plugins.Usage, got {usage!r}")
         estimated = usage is None
-        if usage is None:
-            usage = Usage(self._input_of(decision), plan.output_tokens, model=decision.model)
+        if usage is None:  # the output cap when known: a learned hold may be below it
+            output = max(plan.output_tokens, plan.max_tokens or 0)
+            usage = Usage(self._input_of(decision), output, model=decision.model)
         served = usage.model or decision.model
         if not served.isprintable():  # a provider's odd name is stored escaped, not refused
             served = escape_text(served)
         usd = self.estimator.cost(usage, served, decision.model)
+        if self.estimator.holds is not None and not estimated:
+            self.estimator.holds.observe(decision.model, usage.output_tokens)
         extra: dict[str, Any] = {}
         if usage.reasoning_tokens:
             extra["reasoning_tokens"] = usage.reasoning_tokens

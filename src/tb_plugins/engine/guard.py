@@ -52,6 +52,7 @@ from tb_plugins.engine.drivers import adrive, drive
 from tb_plugins.engine.estimate import Estimator
 from tb_plugins.engine.flows import Flows
 from tb_plugins.engine.live import LiveBudgets
+from tb_plugins.engine.throttle import Throttle
 from tb_plugins.engine.writeback import WriteBack
 from tb_plugins.errors import LedgerUnavailable
 from tb_plugins.ledger import Ledger
@@ -75,7 +76,7 @@ logger = logging.getLogger("tb_plugins")
 _SINK_FLUSH_SECONDS = 2.0  # what close() waits, in all, for alert sinks to send their queues
 
 
-class BudgetGuard(Flows, LiveBudgets, AgentChecks):
+class BudgetGuard(Flows, LiveBudgets, AgentChecks, Throttle):
     """Token budgets for every LLM call of a process, backed by a shared ledger.
 
     Args:
@@ -283,7 +284,11 @@ class BudgetGuard(Flows, LiveBudgets, AgentChecks):
         return await self.acheck_request(request)
 
     def check_request(self, request: Request) -> Decision:
-        """:meth:`check` for a :class:`~tb_plugins.core.request.Request` an integration built."""
+        """:meth:`check` for a :class:`~tb_plugins.core.request.Request` an integration built
+        (a budget with ``on_exhausted: wait:<max>`` waits: :mod:`tb_plugins.engine.throttle`)."""
+        return self._throttled(self._check_once, request)
+
+    def _check_once(self, request: Request) -> Decision:
         self.check_run(request.scopes)
         if request.priority != "normal":
             check_priority(request.priority)
@@ -291,7 +296,10 @@ class BudgetGuard(Flows, LiveBudgets, AgentChecks):
         return drive(self.ledger, self._check_flow(request, down))
 
     async def acheck_request(self, request: Request) -> Decision:
-        """Async :meth:`check_request`."""
+        """Async :meth:`check_request` (waiting with :func:`asyncio.sleep`)."""
+        return await self._athrottled(self._acheck_once, request)
+
+    async def _acheck_once(self, request: Request) -> Decision:
         self.check_run(request.scopes)
         if request.priority != "normal":
             check_priority(request.priority)

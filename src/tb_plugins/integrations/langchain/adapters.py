@@ -27,7 +27,7 @@ from langchain_core.runnables import RunnableBinding
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from tb_plugins.core.pacing import DEFAULT_PRIORITY, PRIORITIES
+from tb_plugins.core.pacing import priority_of
 from tb_plugins.core.usage import Usage
 from tb_plugins.engine.held import Cost, afinish, finish
 
@@ -102,18 +102,7 @@ def metadata_priority(metadata: Mapping[str, Any] | None) -> str:
         >>> metadata_priority({"tb_priority": "low"}), metadata_priority(None)
         ('low', 'normal')
     """
-    value = metadata.get("tb_priority") if metadata else None
-    if value is None:
-        return DEFAULT_PRIORITY
-    if value not in PRIORITIES:
-        logger.warning(
-            "tb_plugins: run metadata tb_priority=%r is not one of %s; using %r",
-            value,
-            ", ".join(PRIORITIES),
-            DEFAULT_PRIORITY,
-        )
-        return DEFAULT_PRIORITY
-    return str(value)
+    return priority_of(metadata, "run metadata")
 
 
 def openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from tb_plugins.core.pacing import priority_of
 from tb_plugins.core.usage import Usage
 from tb_plugins.engine import BudgetGuard, Decision
 from tb_plugins.integrations.litellm.requests import (
@@ -51,7 +52,8 @@ def guarded_completion(
     if view is None or view.model is None:
         raise TypeError("guarded_completion() needs model= and messages= keyword arguments")
     all_scopes = [*scopes, *scopes_from(completion_kwargs.get("metadata"))]
-    decision = guard.check_request(view.request(all_scopes))
+    priority = priority_of(completion_kwargs.get("metadata"), "call metadata")
+    decision = guard.check_request(view.request(all_scopes, priority=priority))
     kwargs = dict(completion_kwargs, model=decision.model)
     apply_decision(kwargs, view, decision)
     ask_stream_usage(kwargs)

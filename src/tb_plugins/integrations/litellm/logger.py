@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
+from tb_plugins.core.pacing import priority_of
 from tb_plugins.engine import BudgetGuard, Decision
 from tb_plugins.engine.held import HeldCalls, afinish
 from tb_plugins.errors import BudgetRefused
@@ -86,7 +87,9 @@ class TokenBudgetLogger(CustomLogger):
             *scopes_from(metadata),
             *scopes_from(kwargs.get("litellm_metadata")),
         ]
-        decision = await self._check(view, model, messages, scopes, adjust)
+        # The application sets this metadata (in the SDK no remote client is in between).
+        priority = priority_of(metadata, "call metadata")
+        decision = await self._check(view, model, messages, scopes, adjust, priority)
         if decision.model != model:
             if isinstance(group, str) and group:
                 swapped = await self._swap_deployment(kwargs, decision.model, messages)
@@ -95,7 +98,7 @@ class TokenBudgetLogger(CustomLogger):
                 swapped = True
             if not swapped:  # no cheaper deployment to go to: decide without the downgrade
                 await self.guard.arelease(decision)
-                decision = await self._check(view, model, messages, scopes, adjust=False)
+                decision = await self._check(view, model, messages, scopes, False, priority)
         apply_decision(kwargs, view, decision)
         if view.api in ("completion", "text_completion"):
             ask_stream_usage(kwargs)
@@ -110,9 +113,12 @@ class TokenBudgetLogger(CustomLogger):
         messages: list[dict[str, Any]] | None,
         scopes: list[str],
         adjust: bool,
+        priority: str,
     ) -> Decision:
         try:
-            request = view.request(scopes, model=model, messages=messages, adjust=adjust)
+            request = view.request(
+                scopes, model=model, messages=messages, adjust=adjust, priority=priority
+            )
             return await self.guard.acheck_request(request)
         except BudgetRefused as err:
             err.status_code = NO_RETRY_STATUS  # type: ignore[attr-defined]
