@@ -29,11 +29,16 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired import paired_rows
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -108,13 +113,6 @@ def span_factory() -> Callable[[], AbstractContextManager[Any]] | None:
     return lambda: tracer.start_as_current_span("run")
 
 
-def rotations(items: list[Variant]) -> Iterator[list[Variant]]:
-    k = 0
-    while True:
-        yield items[k % len(items) :] + items[: k % len(items)]
-        k += 1
-
-
 def cycle_table(reps: int, batch: int) -> list[dict[str, Any]]:
     tmp = tempfile.mkdtemp()
     rows: list[dict[str, Any]] = []
@@ -132,32 +130,14 @@ def cycle_table(reps: int, batch: int) -> list[dict[str, Any]]:
             variants.append(
                 Variant("+ recording span", next(urls), metrics=False, webhook=False, otel="span")
             )
-        for v in variants:  # warm-up: the price map, caches, sqlite pages
-            v.batch(batch)
-        cpu: dict[str, list[float]] = {v.name: [] for v in variants}
-        wall: dict[str, list[float]] = {v.name: [] for v in variants}
-        order = rotations(variants)
-        for _ in range(reps):
-            for v in next(order):
-                c, w = v.batch(batch)
-                cpu[v.name].append(c)
-                wall[v.name].append(w)
-        base = cpu["as built"]
-        for v in variants:
-            # Each repetition's batches ran next to each other: their ratio cancels the drift
-            # of a machine that other work slows down and speeds up.
-            paired = [a / b for a, b in zip(cpu[v.name], base, strict=True)]
-            rows.append(
-                {
-                    "ledger": backend,
-                    "variant": v.name,
-                    "cpu_us": statistics.median(cpu[v.name]) * 1e6,
-                    "wall_us": statistics.median(wall[v.name]) * 1e6,
-                    "ratio": statistics.median(paired),
-                    "target": "<= 1.05" if "metrics" in v.name else "",
-                }
-            )
-            v.guard.close()
+        rows += paired_rows(
+            backend,
+            variants,
+            reps,
+            batch,
+            "as built",
+            lambda name: "<= 1.05" if "metrics" in name else "",
+        )
     return rows
 
 

@@ -23,11 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired import paired_rows
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -87,13 +90,6 @@ class Variant:
         return (time.thread_time() - c0) / n, (time.perf_counter() - t0) / n
 
 
-def rotations(items: list[Variant]) -> Iterator[list[Variant]]:
-    k = 0
-    while True:
-        yield items[k % len(items) :] + items[: k % len(items)]
-        k += 1
-
-
 def cycle_table(reps: int, batch: int) -> list[dict[str, Any]]:
     tmp = tempfile.mkdtemp()
     rows: list[dict[str, Any]] = []
@@ -106,30 +102,14 @@ def cycle_table(reps: int, batch: int) -> list[dict[str, Any]]:
             Variant("+ stop_at", next(urls), stop_at=True, pace=False),
             Variant("+ pace + stop_at", next(urls), stop_at=True, pace=True),
         ]
-        for v in variants:  # warm-up: the price map, caches, sqlite pages
-            v.batch(batch)
-        cpu: dict[str, list[float]] = {v.name: [] for v in variants}
-        wall: dict[str, list[float]] = {v.name: [] for v in variants}
-        order = rotations(variants)
-        for _ in range(reps):
-            for v in next(order):
-                c, w = v.batch(batch)
-                cpu[v.name].append(c)
-                wall[v.name].append(w)
-        base = cpu["plain"]
-        for v in variants:
-            paired = [a / b for a, b in zip(cpu[v.name], base, strict=True)]
-            rows.append(
-                {
-                    "ledger": backend,
-                    "variant": v.name,
-                    "cpu_us": statistics.median(cpu[v.name]) * 1e6,
-                    "wall_us": statistics.median(wall[v.name]) * 1e6,
-                    "ratio": statistics.median(paired),
-                    "target": "" if v.name == "plain" else "<= 1.05",
-                }
-            )
-            v.guard.close()
+        rows += paired_rows(
+            backend,
+            variants,
+            reps,
+            batch,
+            "plain",
+            lambda name: "" if name == "plain" else "<= 1.05",
+        )
     return rows
 
 
