@@ -7,10 +7,9 @@ its ``override_refresh`` (default 5 seconds), with no restart."""
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
-from tb_plugins._format import redact_url
+from tb_plugins._format import fmt_time, redact_url
 from tb_plugins.cli.common import config_option, emit, open_guard, output_options, parse_until
 from tb_plugins.core.scopes import escape_text
 
@@ -146,7 +145,7 @@ def _limit(limit: str | None) -> str:
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+    return fmt_time(ts)
 
 
 def add_parser(sub: Any) -> None:

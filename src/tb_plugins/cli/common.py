@@ -13,15 +13,14 @@ import csv
 import importlib.metadata
 import io
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 from tb_plugins._format import table
 from tb_plugins.core.scopes import escape_text
+from tb_plugins.core.windows import parse_time
 from tb_plugins.errors import ConfigError
 
 DEFAULT_CONFIG = "budgets.yaml"
@@ -90,44 +89,12 @@ def package_version() -> str:
 
 def parse_since(text: str, now: float | None = None) -> float:
     """``24h`` / ``7d`` ago, an ISO date or datetime (UTC if no zone), or epoch seconds."""
-    return parse_time(text, now, ahead=False)
+    return parse_time(text, time.time() if now is None else now, ahead=False)
 
 
 def parse_until(text: str, now: float | None = None) -> float:
     """``2h`` / ``7d`` from now, an ISO date or datetime (UTC if no zone), or epoch seconds."""
-    return parse_time(text, now, ahead=True)
-
-
-def parse_time(text: str, now: float | None, *, ahead: bool) -> float:
-    """A time given as a duration (before ``now``, or after it when ``ahead``), an ISO date
-    or datetime (UTC if no zone), or finite epoch seconds."""
-    from tb_plugins.core.windows import parse_duration
-
-    now = time.time() if now is None else now
-    try:
-        value = float(text)
-    except ValueError:
-        pass
-    else:
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"cannot read time {text!r}: epoch seconds are finite and >= 0")
-        return value
-    try:
-        span = parse_duration(text)
-    except ValueError:
-        pass
-    else:
-        return now + span if ahead else now - span
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        example = "2h, 7d" if ahead else "24h, 7d"
-        raise ValueError(
-            f"cannot read time {text!r}: use e.g. {example}, 2026-11-01 or 2026-11-01T08:00"
-        ) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+    return parse_time(text, time.time() if now is None else now, ahead=True)
 
 
 def port_number(text: str) -> int:

@@ -40,11 +40,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
 __all__ = [
+    "parse_time",
     "CALENDAR",
     "MAX_DURATION",
     "MAX_ROLLING",
@@ -140,6 +141,43 @@ def parse_duration(text: str | int | float, *, maximum: float = MAX_DURATION) ->
             f"a duration must be at most {_canonical_seconds(maximum)}, got {_short(text)}"
         )
     return seconds
+
+
+def parse_time(text: str, now: float, *, ahead: bool = False) -> float:
+    """A time given as a duration (before ``now``, or after it when ``ahead``), an ISO date
+    or datetime (UTC if no zone; ``Z`` accepted), or finite epoch seconds >= 0.
+
+    Example:
+        >>> parse_time("2h", 10_000.0), parse_time("1970-01-01T01:00Z", 0.0)
+        (2800.0, 3600.0)
+
+    Raises:
+        ValueError: none of those; the message gives examples.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"cannot read time {text!r}: epoch seconds are finite and >= 0")
+        return value
+    try:
+        span = parse_duration(text)
+    except ValueError:
+        pass
+    else:
+        return now + span if ahead else now - span
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        example = "2h, 7d" if ahead else "24h, 7d"
+        raise ValueError(
+            f"cannot read time {text!r}: use e.g. {example}, 2026-11-01 or 2026-11-01T08:00"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
 
 
 def _short(value: object) -> str:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from tb_plugins.core.scopes import normalize_scope
 from tb_plugins.core.usage import UsageRecord, UsageRow
-from tb_plugins.core.windows import parse_duration
+from tb_plugins.core.windows import parse_duration, parse_time
 
 if TYPE_CHECKING:
     from tb_plugins.engine import BudgetGuard
@@ -273,20 +273,10 @@ def _time(params: Mapping[str, str], name: str, now: float) -> float | None:
     text = params.get(name, "").strip()
     if not text:
         return None
-    value: float | None = None
     try:
-        value = float(text)
+        value: float | None = parse_time(text, now)
     except ValueError:
-        try:
-            value = now - parse_duration(text)
-        except ValueError:
-            iso = text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text
-            try:
-                dt = datetime.fromisoformat(iso)
-            except ValueError:
-                pass
-            else:
-                value = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+        value = None
     if value is None or not 0 <= value <= _LATEST:  # NaN fails this too
         raise QueryError(
             f"{name}: cannot read the time {_short(text)}; use e.g. 24h (ago), 2026-11-01, "
