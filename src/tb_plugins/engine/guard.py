@@ -289,9 +289,7 @@ class BudgetGuard(Flows, LiveBudgets, AgentChecks, Throttle):
         return self._throttled(self._check_once, request)
 
     def _check_once(self, request: Request) -> Decision:
-        self.check_run(request.scopes)
-        if request.priority != "normal":
-            check_priority(request.priority)
+        self._precheck(request)
         down = self._sync_clock() or self._maybe_flush() or self._maybe_refresh()
         return drive(self.ledger, self._check_flow(request, down))
 
@@ -300,9 +298,7 @@ class BudgetGuard(Flows, LiveBudgets, AgentChecks, Throttle):
         return await self._athrottled(self._acheck_once, request)
 
     async def _acheck_once(self, request: Request) -> Decision:
-        self.check_run(request.scopes)
-        if request.priority != "normal":
-            check_priority(request.priority)
+        self._precheck(request)
         down = (
             await self._async_sync_clock()
             or await self._amaybe_flush()
@@ -313,6 +309,12 @@ class BudgetGuard(Flows, LiveBudgets, AgentChecks, Throttle):
             if prepare is not None:
                 await prepare(request.model, request.messages, request.tools)
         return await adrive(self.ledger, self._check_flow(request, down))
+
+    def _precheck(self, request: Request) -> None:
+        """Before any ledger I/O: a run that must end, a priority that does not exist."""
+        self.check_run(request.scopes)
+        if request.priority != "normal":
+            check_priority(request.priority)
 
     # -- settle and release ----------------------------------------------------------------
 

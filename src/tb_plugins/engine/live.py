@@ -105,7 +105,9 @@ class LiveBudgets:
 
     def _refresh_due(self) -> bool:
         mono = self._time.mono()
-        if mono < self._override_due and self._time.now() < self._override_expiry:
+        if mono < self._override_due and (
+            self._override_expiry == math.inf or self._time.now() < self._override_expiry
+        ):  # the clock is read only while an override in force has an `until`
             return False
         self._override_due = mono + self.policy.override_refresh
         return True

@@ -12,8 +12,9 @@ How an override applies to a scope's line in one window, unit by unit (see
 replaces every budget of the file for that unit (an override may raise a limit as well as
 lower it), and an override on the concrete scope (``team:search``) wins over one on a pattern
 (``team:*``). A file budget an override replaces no longer fires its alerts for that scope;
-the override takes the ``alerts`` and ``downgrade_at`` of the file budget with the same scope
-and window, else of the first file budget of that window that matches its scope. A limit of
+the override takes everything but the limits (:data:`INHERITED`: alerts, ``downgrade_at``,
+shadow mode, pacing, priorities, waiting) from the file budget with the same scope and window,
+else from the first file budget of that window that matches its scope. A limit of
 ``0`` suspends the scope: every call is refused.
 
 Every field is checked where it enters, with the policy file's messages: the limit as in the
@@ -66,6 +67,8 @@ MAX_OVERRIDE_SPAN = 366 * 86400.0
 """Furthest ``until`` of an override: 366 days from now."""
 SUSPEND = "0"
 """The limit that suspends a scope: every call refused."""
+INHERITED = ("alerts", "downgrade_at", "forecast_alert", "shadow", "pace", "stop_at", "wait")
+"""What an override keeps of the file budget it stands in for: everything but the limits."""
 _MAX_CHANGES = 100_000  # changes a guard keeps in memory (the ledger keeps them all)
 
 Action = Literal["set", "unset"]
@@ -316,8 +319,8 @@ class OverrideLog:
 
 def compile_overrides(file_budgets: Sequence[Budget], live: Sequence[Override]) -> list[Budget]:
     """The budgets the guard plans with: the file's, then one per override in force (marked
-    ``override=True``), taking ``alerts``/``downgrade_at`` from the file budget of the same
-    scope and window, else from the first of that window whose pattern matches the scope."""
+    ``override=True``), taking :data:`INHERITED` from the file budget of the same scope and
+    window, else from the first of that window whose pattern matches the scope."""
     from tb_plugins.config import BudgetSpec, compile_budget
 
     out = list(file_budgets)
@@ -337,13 +340,6 @@ def compile_overrides(file_budgets: Sequence[Budget], live: Sequence[Override]) 
             )
             budget = compile_budget(index, spec)
             budget = dataclasses.replace(budget, name=f"{budget.name} (override)")
-        out.append(
-            dataclasses.replace(
-                budget,
-                override=True,
-                alerts=same.alerts if same else (),
-                downgrade_at=same.downgrade_at if same else None,
-                forecast_alert=same.forecast_alert if same else True,
-            )
-        )
+        kept = {f: getattr(same, f) for f in INHERITED} if same else {}
+        out.append(dataclasses.replace(budget, override=True, **kept))
     return out

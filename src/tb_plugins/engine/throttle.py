@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING
 from tb_plugins.errors import BudgetExceeded, LoopLimitExceeded
 
 if TYPE_CHECKING:
-    from tb_plugins.config import Policy
     from tb_plugins.core.request import Request
     from tb_plugins.engine.decision import Decision
+    from tb_plugins.engine.planning import LinePlanner
 
 __all__ = ["Throttle"]
 
@@ -58,10 +58,9 @@ class Throttle:
 
     sleep: Callable[[float], None] | None = None
     asleep: Callable[[float], Awaitable[None]] | None = None
-    _waits: dict[str, float] | None = None
 
     if TYPE_CHECKING:
-        policy: Policy
+        planner: LinePlanner
 
         def now(self) -> float: ...
 
@@ -110,11 +109,10 @@ class Throttle:
         return min(left, max(_MIN_STEP, until))
 
     def _wait_limits(self) -> dict[str, float]:
-        """Budget name -> ``wait`` seconds, for the budgets that wait (read once)."""
-        if self._waits is None:
-            waits: dict[str, float] = {}
-            for b in self.policy.compiled_budgets():
-                if b.wait is not None:
-                    waits[b.name] = max(b.wait, waits.get(b.name, 0.0))
-            self._waits = waits
-        return self._waits
+        """Budget name -> ``wait`` seconds, of the budgets in force that wait (read on a
+        refusal only, so overrides count as soon as the planner has them)."""
+        waits: dict[str, float] = {}
+        for b in self.planner.budgets:
+            if b.wait is not None:
+                waits[b.name] = max(b.wait, waits.get(b.name, 0.0))
+        return waits
