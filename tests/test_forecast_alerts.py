@@ -202,3 +202,19 @@ def test_status_of_many_scopes_reads_the_log_once_and_forecasts_the_same(tmp_pat
     alone = {f"user:u{i}": guard.status(f"user:u{i}")[0].forecast_exhausted_at for i in range(12)}
     assert {k: v for k, v in together.items() if k != "global"} == alone
     assert all(v is not None for v in alone.values())
+
+
+def test_a_rolling_window_sends_its_exhausted_alert_once_per_window_length(
+    tmp_path: Path,
+) -> None:
+    """A rolling window's bucket moves every few seconds; its alerts are still once per
+    window length, not once per bucket (a throttled call retries every second)."""
+    clock = Clock(DAY)
+    alerts: list[Alert] = []
+    guard = make(clock, make_ledger("memory", tmp_path), alerts, limit="100 tokens/rolling:1m")
+    spend(guard, clock, DAY + 1, 100)
+    for i in range(2, 30):
+        clock.t = DAY + i
+        with pytest.raises(BudgetExceeded):
+            guard.check(model="gpt-4o", input_tokens=5, max_tokens=1, scopes=["team:a"])
+    assert [a.kind for a in alerts].count("exhausted") == 1

@@ -24,7 +24,7 @@ from tb_plugins.engine.decision import (
 )
 from tb_plugins.engine.drivers import Flow, quiet
 from tb_plugins.errors import BudgetExceeded, BudgetRefused, LedgerError
-from tb_plugins.ledger.base import LineState
+from tb_plugins.ledger.base import Line, LineState
 
 if TYPE_CHECKING:
     from tb_plugins.core.budgets import Budget
@@ -70,7 +70,7 @@ class AlertFlows:
         )
         if lp is None or (lp.allowance is not None and _shaped(lp, err)):
             return  # a paced or stop_at refusal: the budget itself is not exhausted
-        key = f"{lp.line.key}|{lp.line.bucket}|exhausted|{err.budget}"
+        key = f"{lp.line.key}|{_period(lp.line)}|exhausted|{err.budget}"
         if key in self._exhausted:
             return
         if len(self._exhausted) > _EXHAUSTED_MEMORY:
@@ -100,7 +100,7 @@ class AlertFlows:
     ) -> Flow[list[Alert]]:
         fired = []
         for lp, budget, threshold, util in alerts_crossed(lines, states, charged):
-            key = f"{lp.line.key}|{lp.line.bucket}|{budget.index}:{budget.name}|{threshold:g}"
+            key = f"{lp.line.key}|{_period(lp.line)}|{budget.index}:{budget.name}|{threshold:g}"
             state = states[lines.index(lp)]
             alert = Alert(
                 scope=lp.line.scope,
@@ -165,7 +165,7 @@ class AlertFlows:
             if at is None or s.remaining <= 0:
                 continue  # not on course to run out, or already out (an exhausted alert)
             lp = by_key[(s.scope, s.window)]
-            key = f"{lp.line.key}|{lp.line.bucket}|{s.budget}|forecast"
+            key = f"{lp.line.key}|{_period(lp.line)}|{s.budget}|forecast"
             alert = Alert(
                 scope=s.scope,
                 budget=s.budget,
@@ -244,3 +244,13 @@ def _shaped(lp: LinePlan, err: BudgetExceeded) -> bool:
     unit = UNITS.index(err.unit)
     full = [lim for b in lp.budgets if not b.shadow and (lim := b.limits[unit]) is not None]
     return bool(full) and err.limit < unit_value(unit, min(full))
+
+
+def _period(line: Line) -> int:
+    """Which window an alert is once per: a calendar window's bucket; for a rolling window,
+    its bucket rounded down to the window's length (its bucket moves every sub-bucket, so
+    keying on it would send the same alert again every few seconds)."""
+    if not line.rolling:
+        return line.bucket
+    length = line.span * line.width
+    return line.bucket - line.bucket % length
